@@ -1,0 +1,435 @@
+"""Datasets: STL-10 (tensorflow-datasets or a local `stl10_binary`) and digits.
+
+Every dataset is returned as a `Splits`: labeled train / validation / test as
+uint8 arrays (STL-10's labeled 5,000 and test 8,000 images are 0.36 GB as
+uint8), and the unlabeled split as a *stream* of uint8 batches (STL-10's
+100,000 unlabeled images are 2.76 GB as uint8, 11 GB as float32: never
+materialised). `make_dataset` turns arrays into a tf.data pipeline that moves
+uint8 (cache -> shuffle -> batch -> prefetch); the model rescales on the device.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+STL10_CLASS_NAMES = (
+    "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
+)
+DIGITS_CLASS_NAMES = tuple(str(i) for i in range(10))
+STL10_SHAPE = (96, 96, 3)
+STL10_URL_HOST = "ai.stanford.edu"
+STL10_ARCHIVE = "stl10_binary.tar.gz"
+STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+DIGITS_SIZE = 32
+# Fixed partition of digits into labeled / test / unlabeled (per class), like
+# STL-10's fixed splits; only the labeled train/validation split follows --seed.
+DIGITS_TEST_PER_CLASS = 30
+DIGITS_LABELED_PER_CLASS = 60
+DEFAULT_VAL_PER_CLASS = {"stl10": 100, "digits": 20}
+
+
+class DataUnavailableError(RuntimeError):
+    """The dataset cannot be found or read; the message says what to do."""
+
+
+UnlabeledFactory = Callable[[int], Iterator[np.ndarray]]
+
+
+@dataclass
+class Splits:
+    """A dataset's four splits.
+
+    Attributes:
+        name: `stl10` or `digits`.
+        class_names: the class names, index = label.
+        image_shape: `(H, W, C)`.
+        x_train, y_train: labeled training images (uint8 NHWC) and labels (int32).
+        x_val, y_val: the held-out labeled validation images and labels.
+        x_test, y_test: the test split.
+        unlabeled_batches: `unlabeled_batches(batch_size)` returns a fresh
+            iterator over uint8 batches of the unlabeled split (a stream).
+        num_unlabeled: number of unlabeled images (None if unknown).
+        source: where the data came from, for the run's records.
+        val_indices: indices into the labeled set that form validation.
+    """
+
+    name: str
+    class_names: tuple[str, ...]
+    image_shape: tuple[int, int, int]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    unlabeled_batches: UnlabeledFactory
+    num_unlabeled: int | None
+    source: str
+    val_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def summary(self) -> dict:
+        return {
+            "dataset": self.name,
+            "source": self.source,
+            "image_shape": list(self.image_shape),
+            "train": int(len(self.y_train)),
+            "validation": int(len(self.y_val)),
+            "test": int(len(self.y_test)),
+            "unlabeled": self.num_unlabeled,
+        }
+
+
+def stratified_split(
+    labels: np.ndarray, val_per_class: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into train / validation with `val_per_class` per class.
+
+    Args:
+        labels: integer labels of the labeled set.
+        val_per_class: validation images per class.
+        seed: the split's seed (same seed, same split).
+
+    Returns:
+        `(train_indices, val_indices)`, each sorted.
+    """
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) <= val_per_class:
+            raise DataUnavailableError(
+                f"Class {c} has only {len(idx)} labeled images, too few to hold out "
+                f"{val_per_class} for validation; lower --val-per-class."
+            )
+        val.append(rng.permutation(idx)[:val_per_class])
+    val_idx = np.sort(np.concatenate(val))
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def load_splits(
+    dataset: str,
+    data_dir: str | None = None,
+    val_per_class: int | None = None,
+    seed: int = 0,
+    download: bool = True,
+) -> Splits:
+    """Load a dataset's splits.
+
+    Args:
+        dataset: `stl10` or `digits`.
+        data_dir: for STL-10, a folder holding `stl10_binary/` (or the folder
+            itself) or `stl10_binary.tar.gz`, else a tensorflow-datasets data
+            dir. Ignored for digits.
+        val_per_class: labeled images per class held out for validation
+            (None: 100 for STL-10, 20 for digits).
+        seed: seeds the train/validation split.
+        download: allow tensorflow-datasets to download STL-10.
+
+    Returns:
+        A `Splits`.
+
+    Raises:
+        DataUnavailableError: the data is neither on disk nor downloadable.
+    """
+    if val_per_class is None:
+        val_per_class = DEFAULT_VAL_PER_CLASS[dataset]
+    if dataset == "digits":
+        return _load_digits(val_per_class, seed)
+    if dataset != "stl10":
+        raise DataUnavailableError(f"Unknown dataset '{dataset}'; use stl10 or digits.")
+    folder = find_stl10_binary(data_dir) if data_dir else None
+    if folder is not None:
+        return _load_stl10_binary(folder, val_per_class, seed)
+    return _load_stl10_tfds(data_dir, val_per_class, seed, download)
+
+
+def _finish(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled, source,
+            val_per_class, seed) -> Splits:
+    train_idx, val_idx = stratified_split(y, val_per_class, seed)
+    return Splits(
+        name=name,
+        class_names=tuple(class_names),
+        image_shape=tuple(int(d) for d in x.shape[1:]),
+        x_train=x[train_idx],
+        y_train=y[train_idx].astype(np.int32),
+        x_val=x[val_idx],
+        y_val=y[val_idx].astype(np.int32),
+        x_test=x_test,
+        y_test=y_test.astype(np.int32),
+        unlabeled_batches=unlabeled,
+        num_unlabeled=num_unlabeled,
+        source=source,
+        val_indices=val_idx,
+    )
+
+
+# --- digits ---------------------------------------------------------------------
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as 32x32x3 uint8 images, and labels."""
+    from scipy import ndimage
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    small = bunch.images.astype(np.float32) * (255.0 / 16.0)  # 0..16 -> 0..255
+    factor = DIGITS_SIZE / small.shape[1]
+    big = ndimage.zoom(small, (1, factor, factor), order=1)
+    big = np.clip(np.rint(big), 0, 255).astype(np.uint8)
+    return np.repeat(big[..., None], 3, axis=-1), bunch.target.astype(np.int32)
+
+
+def _load_digits(val_per_class: int, seed: int) -> Splits:
+    images, labels = digits_images()
+    rng = np.random.default_rng(1234)  # fixed, like STL-10's fixed splits
+    test, labeled, unlabeled = [], [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test.append(idx[:DIGITS_TEST_PER_CLASS])
+        labeled.append(idx[DIGITS_TEST_PER_CLASS:DIGITS_TEST_PER_CLASS
+                           + DIGITS_LABELED_PER_CLASS])
+        unlabeled.append(idx[DIGITS_TEST_PER_CLASS + DIGITS_LABELED_PER_CLASS:])
+    test, labeled, unlabeled = (np.sort(np.concatenate(p)) for p in (test, labeled,
+                                                                     unlabeled))
+    x_unlabeled = images[unlabeled]
+
+    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(x_unlabeled), batch_size):
+            yield x_unlabeled[i:i + batch_size]
+
+    return _finish(
+        "digits", DIGITS_CLASS_NAMES, images[labeled], labels[labeled], images[test],
+        labels[test], unlabeled_batches, len(x_unlabeled),
+        "scikit-learn digits (8x8 upsampled to 32x32x3)", val_per_class, seed,
+    )
+
+
+# --- STL-10 from the official binary files --------------------------------------
+
+def find_stl10_binary(data_dir: str | os.PathLike) -> Path | None:
+    """Locate (extracting if needed) an `stl10_binary` folder under `data_dir`.
+
+    Accepts the folder itself, a folder holding `stl10_binary/`, a folder
+    holding `stl10_binary.tar.gz`, or the path of the tarball. A tarball is
+    extracted once next to itself, atomically (a temp folder renamed into
+    place), so an interrupted extraction leaves nothing half-written.
+
+    Returns:
+        The folder with `train_X.bin` etc., or None when nothing is there.
+    """
+    path = Path(data_dir).expanduser()
+    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
+        return _extract_stl10(path, path.parent)
+    if (path / "train_X.bin").exists():
+        return path
+    if (path / "stl10_binary" / "train_X.bin").exists():
+        return path / "stl10_binary"
+    if (path / STL10_ARCHIVE).exists():
+        return _extract_stl10(path / STL10_ARCHIVE, path)
+    return None
+
+
+def _extract_stl10(archive: Path, dest: Path) -> Path:
+    from tqdm import tqdm
+
+    target = dest / "stl10_binary"
+    if (target / "train_X.bin").exists():
+        return target
+    tmp = dest / ".stl10_binary.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers() if m.isfile()]
+            total = sum(m.size for m in members)
+            with tqdm(total=total, unit="B", unit_scale=True,
+                      desc=f"Extracting {archive.name}") as bar:
+                for member in members:
+                    name = Path(member.name).name
+                    src = tar.extractfile(member)
+                    with open(tmp / name, "wb") as out:
+                        shutil.copyfileobj(src, out, length=1 << 22)
+                    bar.update(member.size)
+    except (tarfile.TarError, OSError, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataUnavailableError(
+            f"Could not extract {archive} ({e}); download stl10_binary.tar.gz again."
+        ) from None
+    if not (tmp / "train_X.bin").exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataUnavailableError(
+            f"{archive} holds no train_X.bin; it is not the STL-10 binary archive."
+        )
+    os.replace(tmp, target)
+    return target
+
+
+def read_stl10_images(path: Path, shape=STL10_SHAPE) -> np.ndarray:
+    """Read an STL-10 `*_X.bin` file into (N, H, W, C) uint8.
+
+    The files store each image as 3 channel planes, each plane column-major,
+    hence the transpose (N, C, W, H) -> (N, H, W, C).
+    """
+    raw = np.fromfile(path, dtype=np.uint8)
+    per_image = int(np.prod(shape))
+    if raw.size % per_image:
+        raise DataUnavailableError(
+            f"{path} is truncated ({raw.size} bytes is not a multiple of {per_image}); "
+            "download the dataset again."
+        )
+    h, w, c = shape
+    return np.ascontiguousarray(raw.reshape(-1, c, w, h).transpose(0, 3, 2, 1))
+
+
+def read_stl10_labels(path: Path) -> np.ndarray:
+    """Read an STL-10 `*_y.bin` file (labels 1..10) into 0-based int32."""
+    return np.fromfile(path, dtype=np.uint8).astype(np.int32) - 1
+
+
+def _load_stl10_binary(folder: Path, val_per_class: int, seed: int) -> Splits:
+    missing = [f for f in STL10_FILES if not (folder / f).exists()]
+    if missing:
+        raise DataUnavailableError(
+            f"{folder} lacks {', '.join(missing)}; download stl10_binary.tar.gz again."
+        )
+    x = read_stl10_images(folder / "train_X.bin")
+    y = read_stl10_labels(folder / "train_y.bin")
+    x_test = read_stl10_images(folder / "test_X.bin")
+    y_test = read_stl10_labels(folder / "test_y.bin")
+    if len(x) != len(y) or len(x_test) != len(y_test):
+        raise DataUnavailableError(
+            f"Image and label counts differ in {folder}; download the dataset again."
+        )
+    class_names = STL10_CLASS_NAMES
+    names_file = folder / "class_names.txt"
+    if names_file.exists():
+        class_names = tuple(n.strip() for n in names_file.read_text().splitlines()
+                            if n.strip())
+    unlabeled_path = folder / "unlabeled_X.bin"
+    per_image = int(np.prod(STL10_SHAPE))
+    num_unlabeled = (unlabeled_path.stat().st_size // per_image
+                     if unlabeled_path.exists() else 0)
+
+    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
+        if not unlabeled_path.exists():
+            raise DataUnavailableError(
+                f"{unlabeled_path} is missing; the k-means variants need STL-10's "
+                "unlabeled split (extract the full stl10_binary.tar.gz)."
+            )
+        h, w, c = STL10_SHAPE
+        # A memory map: batches are read from disk as they are consumed.
+        mm = np.memmap(unlabeled_path, dtype=np.uint8, mode="r").reshape(-1, c, w, h)
+        for i in range(0, len(mm), batch_size):
+            yield np.ascontiguousarray(mm[i:i + batch_size].transpose(0, 3, 2, 1))
+
+    return _finish("stl10", class_names, x, y, x_test, y_test, unlabeled_batches,
+                   num_unlabeled, f"stl10_binary folder {folder}", val_per_class, seed)
+
+
+# --- STL-10 through tensorflow-datasets ----------------------------------------
+
+def offline_message(data_dir: str | None) -> str:
+    where = data_dir or "DIR"
+    return (
+        "STL-10 is not on disk and cannot be downloaded (no network): place "
+        f"{STL10_ARCHIVE} (or its extracted stl10_binary/ folder) in {where} and pass "
+        f"--data-dir {where}, or run offline on the bundled data with --dataset digits."
+    )
+
+
+def _host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
+    # tensorflow-datasets retries a failed download for minutes; a quick
+    # connection check lets an offline user get the clear message at once.
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
+                     download: bool) -> Splits:
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder("stl10", data_dir=data_dir)
+    if not builder.is_prepared():
+        if not download or not _host_reachable(STL10_URL_HOST):
+            raise DataUnavailableError(offline_message(data_dir))
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # network / disk errors from tfds
+            raise DataUnavailableError(
+                f"Downloading STL-10 failed ({type(e).__name__}). "
+                + offline_message(data_dir)
+            ) from None
+
+    def as_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
+        ds = builder.as_dataset(split=split, as_supervised=True).batch(1024)
+        xs, ys = [], []
+        for x, y in tfds.as_numpy(ds):
+            xs.append(x)
+            ys.append(y)
+        return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int32)
+
+    x, y = as_numpy("train")
+    x_test, y_test = as_numpy("test")
+    splits_info = builder.info.splits
+    num_unlabeled = (splits_info["unlabelled"].num_examples
+                     if "unlabelled" in splits_info else None)
+
+    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
+        ds = builder.as_dataset(split="unlabelled", as_supervised=True)
+        for images, _ in tfds.as_numpy(ds.batch(batch_size)):
+            yield images.astype(np.uint8)
+
+    return _finish("stl10", STL10_CLASS_NAMES, x, y, x_test, y_test,
+                   unlabeled_batches, num_unlabeled or None, "tensorflow-datasets stl10",
+                   val_per_class, seed)
+
+
+# --- tf.data --------------------------------------------------------------------
+
+def make_dataset(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    shuffle_buffer: int = 5000,
+    map_fn: Callable | None = None,
+    drop_remainder: bool = False,
+):
+    """A tf.data pipeline of uint8 batches: cache -> shuffle -> batch -> map -> prefetch.
+
+    Args:
+        images: uint8 NHWC images.
+        labels: int labels.
+        batch_size: images per batch.
+        shuffle: reshuffle every epoch (seeded).
+        seed: the shuffle seed.
+        shuffle_buffer: shuffle buffer size (images).
+        map_fn: optional batch-level function `(images, labels) -> (images,
+            labels)`, e.g. augmentation on the CPU (`--augment-on cpu`).
+        drop_remainder: drop a last partial batch.
+
+    Returns:
+        A `tf.data.Dataset` yielding `(images, labels)`.
+    """
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
+    if shuffle:
+        ds = ds.shuffle(min(shuffle_buffer, len(labels)), seed=seed,
+                        reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if map_fn is not None:
+        ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)

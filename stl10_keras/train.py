@@ -1,0 +1,489 @@
+"""`python -m stl10_keras.train`: config -> data -> init -> fit -> evaluate -> export.
+
+Run directory (one per run):
+
+    RUN/config.json  metrics.json  model.keras  history.csv  logs/  backup/  figures/
+
+Rerunning the same command after an interruption resumes from the last
+completed epoch (keras BackupAndRestore); rerunning a finished run prints its
+results and does nothing (`--overwrite` starts it over).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from stl10_keras import config as cfg  # noqa: E402
+from stl10_keras.config import Config, ConfigError  # noqa: E402
+from stl10_keras.io_utils import atomic_write_json, read_json  # noqa: E402
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says what to change."""
+
+
+# --- command line ---------------------------------------------------------------
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers like 64,128, got '{text}'"
+        ) from None
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(t) for t in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected MIN,MAX like 1.0,1.4, got '{text}'"
+        ) from None
+    return lo, hi
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags that shape a `Config` (shared by train and ablation)."""
+    g = parser.add_argument_group("run")
+    g.add_argument("--dataset", choices=cfg.DATASETS, default=None,
+                   help="stl10 (default) or the bundled digits dataset")
+    g.add_argument("--data-dir", default=None,
+                   help="folder with stl10_binary/ or stl10_binary.tar.gz, or a "
+                        "tensorflow-datasets data dir")
+    g.add_argument("--preset", choices=cfg.PRESETS, default=None,
+                   help="default (trains), paper (the lab's lr 1.0) or smoke (tiny)")
+    g.add_argument("--variant", choices=cfg.VARIANTS, default=None,
+                   help="the lab's Table 1 column (default kmeans12)")
+    g.add_argument("--config", default=None,
+                   help="a config.json to start from (e.g. RUN/config.json)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--val-per-class", type=int, default=None,
+                   help="labeled images per class held out for validation")
+    g.add_argument("--no-download", action="store_true",
+                   help="never let tensorflow-datasets download STL-10")
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=None)
+    g.add_argument("--batch-size", type=int, default=None)
+    g.add_argument("--learning-rate", type=float, default=None)
+    g.add_argument("--lr-decay", type=float, default=None,
+                   help="inverse-time decay per step: lr / (1 + decay * step)")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--momentum", type=float, default=None)
+    g.add_argument("--mixed-precision", action="store_true", default=None,
+                   help="train in mixed bfloat16")
+    g = parser.add_argument_group("model")
+    g.add_argument("--widths", type=_ints, default=None, help="filters per stage")
+    g.add_argument("--convs-per-stage", type=_ints, default=None)
+    g.add_argument("--fc-units", type=int, default=None)
+    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--batch-norm", choices=("manual", "keras"), default=None)
+    g = parser.add_argument_group("augmentation")
+    g.add_argument("--augment", dest="augment", action="store_true", default=None,
+                   help="augment (default for every variant but baseline)")
+    g.add_argument("--no-augment", dest="augment", action="store_false")
+    g.add_argument("--augment-on", choices=("device", "cpu"), default=None,
+                   help="in the model on the accelerator (default) or in tf.data")
+    g.add_argument("--max-rotation", type=float, default=None, help="degrees")
+    g.add_argument("--scale-range", type=_range, default=None, help="MIN,MAX zoom")
+    g.add_argument("--max-translation", type=float, default=None,
+                   help="fraction of the image size")
+    g.add_argument("--no-flip", action="store_true", default=None)
+    g = parser.add_argument_group("k-means pre-training")
+    g.add_argument("--kmeans-patch-size", type=int, default=None)
+    g.add_argument("--kmeans-images", type=int, default=None,
+                   help="unlabeled images read for k-means")
+    g.add_argument("--kmeans-patches-per-image", type=int, default=None)
+    g.add_argument("--no-whiten", action="store_true", default=None)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Resolve preset (or --config file) + explicit flags into a validated Config."""
+    if args.config:
+        try:
+            config = Config.from_json(Path(args.config).read_text())
+        except OSError as e:
+            raise ConfigError(f"Cannot read --config {args.config} ({e.strerror}).") \
+                from None
+        except ValueError as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"--config {args.config} is not valid JSON ({e}).") \
+                from None
+        if args.variant:
+            config.variant = args.variant
+            cfg.apply_variant(config)
+    else:
+        config = cfg.preset(args.preset or "default", args.dataset or "stl10",
+                            args.variant or "kmeans12")
+    if args.dataset and args.config:
+        config.data.dataset = args.dataset
+    d, t, m, a, k = (config.data, config.train, config.model, config.augment,
+                     config.kmeans)
+    overrides = [
+        (d, "data_dir", args.data_dir), (d, "val_per_class", args.val_per_class),
+        (t, "seed", args.seed), (t, "epochs", args.epochs),
+        (t, "batch_size", args.batch_size), (t, "learning_rate", args.learning_rate),
+        (t, "lr_decay", args.lr_decay), (t, "weight_decay", args.weight_decay),
+        (t, "momentum", args.momentum), (t, "mixed_precision", args.mixed_precision),
+        (m, "widths", args.widths), (m, "fc_units", args.fc_units),
+        (m, "dropout", args.dropout), (m, "batch_norm", args.batch_norm),
+        (a, "enabled", args.augment), (a, "on", args.augment_on),
+        (a, "max_rotation_deg", args.max_rotation),
+        (a, "max_translation", args.max_translation),
+        (k, "patch_size", args.kmeans_patch_size), (k, "num_images", args.kmeans_images),
+        (k, "patches_per_image", args.kmeans_patches_per_image),
+    ]
+    for section, name, value in overrides:
+        if value is not None:
+            setattr(section, name, value)
+    if args.no_download:
+        d.download = False
+    if args.convs_per_stage is not None:
+        m.convs_per_stage = args.convs_per_stage
+    elif args.widths is not None and len(m.convs_per_stage) != len(m.widths):
+        m.convs_per_stage = (1,) * len(m.widths)
+    if args.scale_range is not None:
+        a.scale_min, a.scale_max = args.scale_range
+    if args.no_flip:
+        a.flip = False
+    if args.no_whiten:
+        k.whiten = False
+    cfg.validate(config)
+    return config
+
+
+def default_run_name(config: Config) -> str:
+    suffix = "" if config.preset == "default" else f"_{config.preset}"
+    return f"{config.data.dataset}_{config.variant}{suffix}_s{config.train.seed}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stl10_keras.train",
+        description="Train the lab's 5-stage CNN on STL-10 (or digits), evaluate it "
+                    "and export a SavedModel.",
+    )
+    add_config_arguments(parser)
+    g = parser.add_argument_group("outputs")
+    g.add_argument("--run-dir", default=None,
+                   help="run directory (default runs/DATASET_VARIANT_sSEED)")
+    g.add_argument("--export-dir", default=None,
+                   help="TF Serving model base path (default saved_models/RUN_NAME)")
+    g.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over even if the run dir holds a run")
+    g.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
+                   help="keras progress: 0 silent, 1 progress bar, 2 one line/epoch")
+    return parser
+
+
+# --- training -------------------------------------------------------------------
+
+class _Throughput:
+    """Train-only images/second per epoch (validation time excluded)."""
+
+    def __init__(self, batch_size: int):
+        import keras
+
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                outer._t0 = time.perf_counter()
+                outer._val = 0.0
+                outer._steps = 0
+
+            def on_train_batch_end(self, batch, logs=None):
+                outer._steps += 1
+
+            def on_test_begin(self, logs=None):
+                outer._tv = time.perf_counter()
+
+            def on_test_end(self, logs=None):
+                outer._val += time.perf_counter() - outer._tv
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = time.perf_counter() - outer._t0 - outer._val
+                outer.epochs.append((outer._steps * batch_size, seconds))
+
+        self.callback = Callback()
+        self.epochs: list[tuple[int, float]] = []
+
+    def images_per_sec(self) -> float | None:
+        # The first epoch includes tracing and compilation; leave it out if we can.
+        timed = self.epochs[1:] if len(self.epochs) > 1 else self.epochs
+        seconds = sum(s for _, s in timed)
+        return sum(n for n, _ in timed) / seconds if seconds > 0 else None
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    if not path.exists():
+        return []
+    rows: dict[int, dict[str, float]] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            # A crash between CSVLogger and the backup can repeat an epoch;
+            # keep the last row written for each.
+            rows[int(row["epoch"])] = {k: float(v) for k, v in row.items()
+                                       if k != "epoch" and v != ""}
+    return [{"epoch": e + 1, **rows[e]} for e in sorted(rows)]
+
+
+def _accuracy(model, images, labels, batch_size: int = 256) -> float:
+    import numpy as np
+
+    logits = model.predict(images, batch_size=batch_size, verbose=0)
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def log_image(log_dir: Path, tag: str, image) -> None:
+    """Write one RGB uint8 image to TensorBoard (Images tab)."""
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(log_dir / "images"))
+    with writer.as_default():
+        tf.summary.image(tag, image[None], step=0)
+    writer.close()
+
+
+def _optimizer(t: cfg.TrainConfig):
+    import keras
+
+    # Torch's optim.sgd learningRateDecay: lr_t = lr / (1 + decay * t).
+    schedule = keras.optimizers.schedules.InverseTimeDecay(
+        t.learning_rate, decay_steps=1, decay_rate=t.lr_decay
+    )
+    return keras.optimizers.SGD(
+        learning_rate=schedule, momentum=t.momentum, weight_decay=t.weight_decay
+    )
+
+
+def train(
+    config: Config,
+    run_dir: str | os.PathLike,
+    export_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    verbose: int = 1,
+    splits=None,
+) -> dict[str, Any]:
+    """Train, evaluate and export one run; resumable.
+
+    Args:
+        config: the validated run config.
+        run_dir: the run directory (created).
+        export_dir: TF Serving model base path, or None for no export.
+        overwrite: delete an existing run in `run_dir` first.
+        verbose: keras verbosity.
+        splits: preloaded `data.Splits` (None: load from `config.data`).
+
+    Returns:
+        The metrics dict also written to `RUN/metrics.json`.
+    """
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.json"
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    if metrics_path.exists():
+        return read_json(metrics_path)
+    config_path = run_dir / "config.json"
+    if config_path.exists():
+        previous = read_json(config_path)
+        if previous != config.to_dict():
+            raise ConfigError(
+                f"{run_dir} holds a run with a different config; resume it with "
+                f"--config {config_path}, or pass --overwrite or another --run-dir."
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, config.to_dict())
+
+    import keras
+    import numpy as np
+
+    from stl10_keras import data as data_lib
+    from stl10_keras.model import build_model, build_training_model
+
+    wall0 = time.perf_counter()
+    if splits is None:
+        splits = data_lib.load_splits(
+            config.data.dataset, config.data.data_dir, config.data.val_per_class,
+            config.train.seed, config.data.download,
+        )
+    t = config.train
+    keras.utils.set_random_seed(t.seed)
+    keras.mixed_precision.set_global_policy(
+        "mixed_bfloat16" if t.mixed_precision else "float32"
+    )
+    model = build_model(config, splits.image_shape)
+    backup_dir = run_dir / "backup"
+    resuming = backup_dir.exists() and any(backup_dir.iterdir())
+    kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming)
+
+    augmentation = None
+    map_fn = None
+    if config.augment.enabled:
+        from stl10_keras.augment import random_affine_from_config
+
+        augmentation = random_affine_from_config(config.augment, seed=t.seed)
+        _augmentation_figure(augmentation, splits.x_train, run_dir)
+        if config.augment.on == "cpu":
+            layer = augmentation
+
+            def map_fn(images, labels):
+                return layer(images, training=True), labels
+
+            augmentation = None
+    training_model = build_training_model(model, augmentation)
+    training_model.compile(
+        optimizer=_optimizer(t),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+    train_ds = data_lib.make_dataset(
+        splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
+        shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
+    )
+    val_ds = data_lib.make_dataset(splits.x_val, splits.y_val, 256)
+    throughput = _Throughput(t.batch_size)
+    history_path = run_dir / "history.csv"
+    callbacks = [
+        keras.callbacks.TerminateOnNaN(),
+        throughput.callback,
+        keras.callbacks.CSVLogger(str(history_path), append=True),
+        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
+        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+    ]
+    training_model.fit(
+        train_ds, validation_data=val_ds, epochs=t.epochs, callbacks=callbacks,
+        verbose=verbose, shuffle=False,  # tf.data already shuffles
+    )
+    history = _read_history(history_path)
+    if not history or not np.isfinite(history[-1].get("loss", np.nan)) \
+            or len(history) < t.epochs:
+        raise TrainingError(
+            f"Training diverged (the loss became NaN or inf) with learning rate "
+            f"{t.learning_rate}; rerun with a lower --learning-rate and --overwrite."
+        )
+
+    val_accuracy = _accuracy(model, splits.x_val, splits.y_val)
+    test_accuracy = _accuracy(model, splits.x_test, splits.y_test)
+    model_path = run_dir / "model.keras"
+    tmp_model = run_dir / ".model.tmp.keras"
+    model.save(tmp_model)
+    os.replace(tmp_model, model_path)
+    _filters_figure(model, run_dir)
+
+    exported = None
+    if export_dir is not None:
+        from stl10_keras.export import export_saved_model
+
+        exported = str(export_saved_model(model, export_dir, splits.class_names))
+    metrics = {
+        "val_accuracy": val_accuracy,
+        "test_accuracy": test_accuracy,
+        "history": history,
+        "train_images_per_sec": throughput.images_per_sec(),
+        "wall_seconds": time.perf_counter() - wall0,
+        "epochs": t.epochs,
+        "resumed": resuming,
+        "variant": config.variant,
+        "kmeans_seconds": kmeans_info.get("kmeans_seconds") if kmeans_info else None,
+        "data": splits.summary(),
+        "export_path": exported,
+    }
+    atomic_write_json(metrics_path, metrics)
+    # The backup is only for resuming an unfinished run.
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    return metrics
+
+
+def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool) -> dict | None:
+    """Initialise the k-means stages; on resume the backup restores the weights."""
+    if not config.kmeans.stages:
+        return None
+    info_path = run_dir / "kmeans.json"
+    if resuming and info_path.exists():
+        return read_json(info_path)
+    from stl10_keras.kmeans import kmeans_init
+
+    info = kmeans_init(model, config, splits.unlabeled_batches)
+    atomic_write_json(info_path, info)
+    return info
+
+
+def _augmentation_figure(layer, images, run_dir: Path) -> None:
+    """Figure 3: originals beside their augmented versions."""
+    try:
+        from stl10_keras.visualize import save_augmentation_grid
+    except ImportError:
+        return
+    originals = images[:36]
+    augmented = layer(originals.astype("float32"), training=True)
+    import numpy as np
+
+    augmented = np.clip(np.asarray(augmented), 0, 255).astype("uint8")
+    image = save_augmentation_grid(originals, augmented,
+                                   str(run_dir / "figures" / "augmentation.png"))
+    log_image(run_dir / "logs", "figure3_augmentation", image)
+
+
+def _filters_figure(model, run_dir: Path) -> None:
+    """Figure 2: the first layer's filters after training."""
+    try:
+        from stl10_keras.visualize import save_filter_grid
+    except ImportError:
+        return
+    kernel = model.get_layer("stage1_conv").kernel.numpy()
+    image = save_filter_grid(kernel, str(run_dir / "figures" / "filters_stage1.png"))
+    log_image(run_dir / "logs", "figure2_filters_stage1", image)
+
+
+def _print_summary(metrics: dict, run_dir: Path) -> None:
+    ips = metrics.get("train_images_per_sec")
+    speed = f"  ({ips:.0f} train images/s)" if ips else ""
+    print(f"validation accuracy {metrics['val_accuracy']:.4f}  "
+          f"test accuracy {metrics['test_accuracy']:.4f}{speed}")
+    print(f"run dir: {run_dir}")
+    if metrics.get("export_path"):
+        print(f"SavedModel: {metrics['export_path']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from stl10_keras.data import DataUnavailableError
+
+    try:
+        config = config_from_args(args)
+        name = default_run_name(config)
+        run_dir = Path(args.run_dir or Path("runs") / name)
+        export_dir = None if args.no_export else (
+            args.export_dir or str(Path("saved_models") / name))
+        finished = (run_dir / "metrics.json").exists() and not args.overwrite
+        metrics = train(config, run_dir, export_dir, overwrite=args.overwrite,
+                        verbose=args.verbose)
+        if finished:
+            print(f"{run_dir} already holds a finished run (pass --overwrite to "
+                  "train it again):")
+        _print_summary(metrics, run_dir)
+        return 0
+    except (ConfigError, DataUnavailableError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("\nInterrupted. Rerun the same command to resume from the last "
+              "completed epoch.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

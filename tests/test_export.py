@@ -1,0 +1,97 @@
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import ROOT, subprocess_env
+from stl10_keras.config import preset
+from stl10_keras.export import export_saved_model, next_version
+from stl10_keras.model import build_model
+
+CLASSES = [f"class{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def trained_model():
+    keras.utils.set_random_seed(0)
+    model = build_model(preset("smoke", "digits"), (32, 32, 3))
+    # A few training steps so the BN moving statistics are not the identity.
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    model.fit(rng.integers(0, 256, (64, 32, 32, 3)).astype("uint8"),
+              rng.integers(0, 10, 64), batch_size=16, epochs=1, verbose=0)
+    return model
+
+
+def test_reload_in_a_fresh_process_matches_predict(trained_model, tmp_path):
+    path = export_saved_model(trained_model, tmp_path / "m", CLASSES)
+    assert path == tmp_path / "m" / "1"
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (7, 32, 32, 3)).astype("uint8")
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(f"""
+        import json, numpy as np, tensorflow as tf
+        images = np.load({str(tmp_path / "images.npy")!r})
+        fn = tf.saved_model.load({str(path)!r}).signatures["serving_default"]
+        out = {{}}
+        for n in (7, 3):  # two batch sizes
+            r = fn(images=tf.constant(images[:n]))
+            out[n] = {{k: v.numpy().tolist() if v.dtype != tf.string
+                      else [s.decode() for s in v.numpy()] for k, v in r.items()}}
+        print(json.dumps(out))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    served = json.loads(proc.stdout.strip().splitlines()[-1])
+    logits = trained_model.predict(images.astype("float32"), verbose=0)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    for n in ("7", "3"):
+        k = int(n)
+        np.testing.assert_allclose(served[n]["probabilities"], probs[:k], atol=1e-5)
+        np.testing.assert_array_equal(served[n]["class_ids"], probs[:k].argmax(1))
+        assert served[n]["class_names"] == [CLASSES[i] for i in probs[:k].argmax(1)]
+
+
+def test_versions_increment_and_saved_model_cli_lists_the_signature(
+        trained_model, tmp_path):
+    base = tmp_path / "m"
+    assert next_version(base) == 1
+    export_saved_model(trained_model, base, CLASSES)
+    export_saved_model(trained_model, base, CLASSES)
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]
+    # The console script installed beside this interpreter by tensorflow.
+    cli = str(Path(sys.executable).parent / "saved_model_cli")
+    proc = subprocess.run([cli, "show", "--all", "--dir", str(base / "2")],
+                          capture_output=True, text=True, timeout=300,
+                          env=subprocess_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "signature_def['serving_default']" in out
+    assert "DT_UINT8" in out and "(-1, 32, 32, 3)" in out
+    for name in ("probabilities", "class_ids", "class_names"):
+        assert f"outputs['{name}']" in out
+
+
+def test_failed_export_leaves_no_partial_version(trained_model, tmp_path, monkeypatch):
+    base = tmp_path / "m"
+    # ExportArchive() returns a backend-specific subclass: patch that one.
+    archive_cls = type(keras.export.ExportArchive())
+    original = archive_cls.write_out
+
+    def write_then_fail(self, filepath, *args, **kwargs):
+        original(self, filepath, *args, **kwargs)  # files are on disk...
+        raise OSError("disk full")  # ...then the export fails
+
+    monkeypatch.setattr(archive_cls, "write_out", write_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export_saved_model(trained_model, base, CLASSES)
+    assert list(base.iterdir()) == []
+    assert next_version(base) == 1
