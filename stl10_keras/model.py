@@ -129,3 +129,14 @@ def feature_extractor(model: keras.Model, include_fc: bool = True) -> keras.Mode
     names = stage_output_names(model) + (["fc1"] if include_fc else [])
     outputs = {n: model.get_layer(n).output for n in names}
     return keras.Model(model.input, outputs, name=f"{model.name}_features")
+
+
+def load_model(path) -> keras.Model:
+    """Load a saved `model.keras`, registering this package's custom layers first."""
+    import importlib
+    import importlib.util
+
+    for name in ("layers", "augment", "kmeans"):  # each registers its classes
+        if importlib.util.find_spec(f"stl10_keras.{name}"):
+            importlib.import_module(f"stl10_keras.{name}")
+    return keras.models.load_model(path)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import shutil
 import sys
@@ -298,7 +299,7 @@ def train(
     config_path = run_dir / "config.json"
     if config_path.exists():
         previous = read_json(config_path)
-        if previous != config.to_dict():
+        if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "
                 f"--config {config_path}, or pass --overwrite or another --run-dir."

@@ -1,0 +1,158 @@
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, subprocess_env
+from stl10_keras.config import Config, ConfigError, preset
+from stl10_keras.train import build_parser, config_from_args
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "stl10_keras.train", *args], cwd=ROOT,
+        env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+# --- config ---------------------------------------------------------------------
+
+def test_flags_override_the_preset_and_round_trip_through_json():
+    args = build_parser().parse_args(
+        ["--dataset", "digits", "--preset", "smoke", "--epochs", "3",
+         "--widths", "4,8", "--scale-range", "1.1,1.2", "--variant", "kmeans1",
+         "--no-flip", "--learning-rate", "0.2"])
+    config = config_from_args(args)
+    assert config.train.epochs == 3 and config.train.learning_rate == 0.2
+    assert config.model.widths == (4, 8) and config.model.convs_per_stage == (1, 1)
+    assert (config.augment.scale_min, config.augment.scale_max) == (1.1, 1.2)
+    assert config.augment.flip is False and config.kmeans.stages == (1,)
+    assert Config.from_json(config.to_json()) == config
+
+
+def test_paper_preset_is_the_labs_values():
+    t = preset("paper").train
+    assert (t.batch_size, t.learning_rate, t.lr_decay, t.weight_decay, t.momentum) \
+        == (32, 1.0, 1e-7, 5e-4, 0.5)
+
+
+def test_variants_set_augmentation_and_kmeans_stages():
+    got = {v: (preset("default", variant=v).augment.enabled,
+               preset("default", variant=v).kmeans.stages)
+           for v in ("baseline", "augment", "kmeans1", "kmeans12")}
+    assert got == {"baseline": (False, ()), "augment": (True, ()),
+                   "kmeans1": (True, (1,)), "kmeans12": (True, (1, 2))}
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--epochs", "0"], "--epochs"),
+    (["--widths", "8,16", "--convs-per-stage", "1"], "convs_per_stage"),
+    (["--scale-range", "0.5,1.0"], "--scale-range"),
+])
+def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
+    args = build_parser().parse_args(["--dataset", "digits", *flags])
+    with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
+        config_from_args(args)
+
+
+def test_bad_flag_exits_nonzero_without_traceback(tmp_path):
+    proc = _cli("--dataset", "digits", "--epochs", "0", "--run-dir", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+# --- end to end -----------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_smoke_run_end_to_end(tmp_path):
+    run, export = tmp_path / "run", tmp_path / "export"
+    proc = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+                "--epochs", "2", "--run-dir", str(run), "--export-dir", str(export),
+                "--verbose", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("val_accuracy", "test_accuracy", "history", "train_images_per_sec",
+                "wall_seconds"):
+        assert key in metrics
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    config = Config.from_json((run / "config.json").read_text())
+    assert config.model.widths == (8, 16, 16, 32, 32)
+    assert (run / "logs" / "train").is_dir() and (export / "1" / "saved_model.pb").exists()
+    # The SavedModel reproduces the saved Keras model and the reported accuracy.
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf, keras
+        from stl10_keras.data import load_splits
+        s = load_splits("digits", seed=0)
+        fn = tf.saved_model.load({str(export / "1")!r}).signatures["serving_default"]
+        probs = fn(images=tf.constant(s.x_val))["probabilities"].numpy()
+        from stl10_keras.model import load_model
+        model = load_model({str(run / "model.keras")!r})
+        logits = model.predict(s.x_val.astype("float32"), verbose=0)
+        print(np.abs(probs - tf.nn.softmax(logits).numpy()).max(),
+              np.mean(probs.argmax(1) == s.y_val))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diff, accuracy = map(float, out.stdout.split()[-2:])
+    assert diff < 1e-5
+    assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    # Rerunning a finished run does nothing and says so.
+    again = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+                 "--epochs", "2", "--run-dir", str(run), "--export-dir", str(export))
+    assert again.returncode == 0 and "already holds a finished run" in again.stdout
+    assert sorted(p.name for p in export.iterdir()) == ["1"]
+    # A different config in the same run dir is refused.
+    other = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+                 "--epochs", "3", "--run-dir", str(tmp_path / "other"), "--no-export")
+    assert other.returncode == 0
+    os.remove(tmp_path / "other" / "metrics.json")
+    clash = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+                 "--epochs", "2", "--run-dir", str(tmp_path / "other"), "--no-export")
+    assert clash.returncode == 2 and "different config" in clash.stderr
+
+
+@pytest.mark.e2e
+def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path):
+    run = tmp_path / "run"
+    args = ["--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+            "--epochs", "6", "--run-dir", str(run), "--no-export", "--verbose", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "stl10_keras.train", *args],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    history = run / "history.csv"
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            if history.exists() and len(history.read_text().splitlines()) >= 3:
+                break  # header + 2 epochs done
+            if proc.poll() is not None:
+                pytest.fail("training ended before it could be interrupted")
+            time.sleep(0.2)
+        else:
+            pytest.fail("training made no progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: a hard crash
+        proc.wait()
+    assert not (run / "metrics.json").exists()
+    done_before = len(history.read_text().splitlines()) - 1
+    resumed = _cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    with open(history) as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f)]
+    # Restarted after the last backed-up epoch, not from scratch: epoch 0 was
+    # trained once, and every epoch up to the last is there.
+    assert epochs.count(0) == 1
+    assert sorted(set(epochs)) == list(range(6))
+    assert len(epochs) <= 6 + 1 and done_before >= 2
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["resumed"] is True
+    assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
+    assert np.isfinite(metrics["val_accuracy"])
