@@ -238,6 +238,20 @@ class BatchNormGradients(NamedTuple):
     dmu_second_term: object
 
 
+def _count(x, axes: Sequence[int]):
+    """The number of values reduced over `axes`, `m`, in `x`'s dtype."""
+    m = 1
+    for a in axes:
+        m = m * ops.shape(x)[a]  # dynamic batch size under tf.function
+    return ops.cast(m, x.dtype)
+
+
+def _mean(x, axes: Sequence[int]):
+    # Not ops.mean: on JAX and PyTorch it computes float64 in float32 (Keras'
+    # type promotion maps 64-bit dtypes to 32-bit there); a sum keeps the dtype.
+    return ops.sum(x, axis=axes, keepdims=True) / _count(x, axes)
+
+
 def batch_norm_moments(x, axes: Sequence[int]):
     """Mean and biased variance over `axes`, the variance from centred values.
 
@@ -246,15 +260,15 @@ def batch_norm_moments(x, axes: Sequence[int]):
     spread (e.g. 1e-4).
 
     Args:
-        x: input tensor.
+        x: input tensor, float32 or float64 (computed in its dtype on every
+            backend).
         axes: reduction axes (all but the channel axis).
 
     Returns:
         `(mean, variance)` with the reduced axes kept (size 1).
     """
-    mean = ops.mean(x, axis=axes, keepdims=True)
-    centred = x - mean
-    var = ops.mean(ops.square(centred), axis=axes, keepdims=True)
+    mean = _mean(x, axes)
+    var = _mean(ops.square(x - mean), axes)
     return mean, var
 
 
@@ -282,10 +296,7 @@ def batch_norm_backward(
         shape of `mean`; dgamma and dbeta have the shape of `mean` too
         (reshape to the parameter's shape where needed).
     """
-    m = 1
-    for a in axes:
-        m = m * ops.shape(x)[a]  # dynamic batch size under tf.function
-    m = ops.cast(m, x.dtype)
+    m = _count(x, axes)
     inv_std = ops.rsqrt(var + epsilon)
     centred = x - mean
     dx_hat = dy * gamma
