@@ -213,6 +213,12 @@ def weighted_sum(forward: Callable, dy: np.ndarray) -> Callable:
 # The forward passes written plainly (keras.ops, no custom gradient).
 
 
+def plain_mean(x, axes):
+    # ops.mean would compute float64 in float32 on JAX and PyTorch.
+    m = int(np.prod([x.shape[a] for a in axes]))
+    return ops.sum(x, axis=axes, keepdims=True) / m
+
+
 def plain_dag(x1, x2):
     s1, s2 = ops.sigmoid(x1), ops.sigmoid(x2)
     return ops.maximum(s1, s2) + ops.minimum(s1, s2)
@@ -229,13 +235,13 @@ def plain_bn_explicit(x, mu, var, gamma, beta, epsilon=EPSILON):
 
 def plain_bn_of_mu(x, mu, gamma, beta, axes, epsilon=EPSILON):
     """`g(x, mu) = f(x, mu, var(x, mu))`, `var(x, mu) = mean((x - mu)^2)`."""
-    var = ops.mean(ops.square(x - mu), axis=axes, keepdims=True)
+    var = plain_mean(ops.square(x - mu), axes)
     return plain_bn_explicit(x, mu, var, gamma, beta, epsilon)
 
 
 def plain_bn(x, gamma, beta, axes, epsilon=EPSILON):
     """Batch norm of `x` in training mode, the whole forward pass."""
-    mu = ops.mean(x, axis=axes, keepdims=True)
+    mu = plain_mean(x, axes)
     return plain_bn_of_mu(x, mu, gamma, beta, axes, epsilon)
 
 
