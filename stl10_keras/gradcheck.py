@@ -593,7 +593,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Check the lab's hand-derived gradients (module DAG, batch "
         "norm) against autodiff and central finite differences in float64.",
     )
-    parser.add_argument("--seed", type=int, default=0, help="input seed (default 0)")
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="input seed (default 0)")
     parser.add_argument("--batch", type=_int_at_least(2), default=8,
                         help="batch size m, at least 2; a batch of one (variance "
                         "0) is an edge case checked separately (default 8)")

@@ -284,11 +284,10 @@ def _layer_and_reference_grads(shape, dtype, offset, scale, epsilon):
         loss = tf.reduce_sum(layer(x, training=True) * dy)
     got = tape.gradient(loss, [x, layer.gamma, layer.beta])
 
-    gamma = tf.constant(layer.gamma.numpy())
-    beta = tf.constant(layer.beta.numpy())
+    axes = _axes(shape)
     ref = _tape_grads(
-        lambda x_, g_, b_: tf.reduce_sum(dy * _tf_bn(x_, g_, b_, _axes(shape), epsilon)),
-        x.numpy(), gamma.numpy(), beta.numpy(),
+        lambda x_, g_, b_: tf.reduce_sum(dy * _tf_bn(x_, g_, b_, axes, epsilon)),
+        x.numpy(), layer.gamma.numpy(), layer.beta.numpy(),
     )
     return [_np(g) for g in got], ref
 

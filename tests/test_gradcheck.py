@@ -81,6 +81,7 @@ def test_cli_exit_codes():
     [
         ["--batch", "1"],
         ["--batch", "two"],
+        ["--seed", "-1"],
         ["--channels", "0"],
         ["--tolerance", "0"],
         ["--tolerance", "nan"],
