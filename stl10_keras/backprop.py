@@ -19,8 +19,24 @@ Backward, given dE/dy_k (`dy`), with dE/dx_hat_k = dE/dy_k * gamma:
     dE/dgamma   = sum_k dE/dy_k x_hat_k
     dE/dbeta    = sum_k dE/dy_k
 
+The module DAG of the lab, `y = max(s1, s2) + min(s1, s2)` with
+`s_i = sigmoid(x_i)` (so `y = s1 + s2`), is built from four modules, each with
+its hand-written backward pass:
+
+    sigmoid: ds/dx = s (1 - s)
+    max(a, b): the gradient goes to the larger input (to `a` at a tie)
+    min(a, b): the gradient goes to the smaller input (to `b` at a tie)
+    sum(a, b): the gradient goes to both inputs unchanged
+
+so `dE/dx_i = dE/dy * s_i (1 - s_i)`. At a tie `s1 == s2` max and min send the
+gradient to different branches, so each branch still gets `dE/dy` once and the
+sum's gradient stays exact (routing both to one branch would give it
+`2 dE/dy` and the other nothing).
+
 These functions use `keras.ops` only, so they run on every backend. They are
-the one implementation that `layers.ManualBatchNorm` uses for its gradient.
+the one implementation that `layers.ManualBatchNorm` uses for its gradient, and
+`python -m stl10_keras.gradcheck` checks them against autodiff and finite
+differences.
 """
 
 from __future__ import annotations
@@ -28,6 +44,184 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 from keras import ops
+
+
+def _upstream(args, upstream):
+    """The incoming gradient of a `custom_gradient` backward function.
+
+    TensorFlow and JAX pass it positionally, PyTorch as `upstream=`.
+    """
+    if upstream is None:
+        (upstream,) = args
+    return upstream
+
+
+# --- The module DAG: y = max(sigmoid(x1), sigmoid(x2)) + min(...) -------------
+
+
+class DagGradients(NamedTuple):
+    """Every gradient of the lab's module DAG, given dE/dy.
+
+    `s1 = sigmoid(x1)`, `s2 = sigmoid(x2)`; `dmax` and `dmin` are the
+    gradients at the outputs of the max and min modules (the sum module passes
+    dE/dy to both).
+    """
+
+    dx1: object
+    dx2: object
+    ds1: object
+    ds2: object
+    dmax: object
+    dmin: object
+
+
+def sigmoid_backward(dy, s):
+    """Backward of the sigmoid module: `dE/dx = dE/ds * s (1 - s)`.
+
+    Args:
+        dy: gradient at the module's output.
+        s: the module's output `sigmoid(x)` (the derivative needs only `s`).
+
+    Returns:
+        The gradient at the module's input.
+    """
+    return dy * s * (1.0 - s)
+
+
+def max_backward(dy, a, b):
+    """Backward of `max(a, b)`: the gradient goes to the larger input.
+
+    At a tie `a == b` it goes to `a` (the first input) only.
+
+    Args:
+        dy: gradient at the module's output.
+        a, b: the module's inputs.
+
+    Returns:
+        `(da, db)`.
+    """
+    to_a = ops.greater_equal(a, b)
+    zero = ops.zeros_like(dy)
+    return ops.where(to_a, dy, zero), ops.where(to_a, zero, dy)
+
+
+def min_backward(dy, a, b):
+    """Backward of `min(a, b)`: the gradient goes to the smaller input.
+
+    At a tie `a == b` it goes to `b` (the second input) only, the branch that
+    `max_backward` leaves out, so `max(a, b) + min(a, b)` keeps the exact
+    gradient `(dy, dy)` of `a + b` even at ties.
+
+    Args:
+        dy: gradient at the module's output.
+        a, b: the module's inputs.
+
+    Returns:
+        `(da, db)`.
+    """
+    to_a = ops.less(a, b)
+    zero = ops.zeros_like(dy)
+    return ops.where(to_a, dy, zero), ops.where(to_a, zero, dy)
+
+
+def sum_backward(dy):
+    """Backward of `a + b`: both inputs get the output's gradient.
+
+    Args:
+        dy: gradient at the module's output.
+
+    Returns:
+        `(da, db)`, both `dy`.
+    """
+    return dy, dy
+
+
+@ops.custom_gradient
+def sigmoid_module(x):
+    """`sigmoid(x)` whose gradient is `sigmoid_backward`."""
+    s = ops.sigmoid(x)
+
+    def grad(*args, upstream=None):
+        return sigmoid_backward(_upstream(args, upstream), s)
+
+    return s, grad
+
+
+@ops.custom_gradient
+def max_module(a, b):
+    """`max(a, b)` elementwise, whose gradient is `max_backward`."""
+
+    def grad(*args, upstream=None):
+        return max_backward(_upstream(args, upstream), a, b)
+
+    return ops.maximum(a, b), grad
+
+
+@ops.custom_gradient
+def min_module(a, b):
+    """`min(a, b)` elementwise, whose gradient is `min_backward`."""
+
+    def grad(*args, upstream=None):
+        return min_backward(_upstream(args, upstream), a, b)
+
+    return ops.minimum(a, b), grad
+
+
+@ops.custom_gradient
+def sum_module(a, b):
+    """`a + b`, whose gradient is `sum_backward`."""
+
+    def grad(*args, upstream=None):
+        return sum_backward(_upstream(args, upstream))
+
+    return a + b, grad
+
+
+def dag_forward(x1, x2):
+    """The lab's DAG `y = max(s1, s2) + min(s1, s2)`, `s_i = sigmoid(x_i)`.
+
+    Built from the four modules, so autodiff of this function runs their
+    hand-written backward passes (`dag_backward` is the same computation
+    written out).
+
+    Args:
+        x1, x2: inputs of the same shape (elementwise).
+
+    Returns:
+        `y`, which equals `sigmoid(x1) + sigmoid(x2)`.
+    """
+    s1 = sigmoid_module(x1)
+    s2 = sigmoid_module(x2)
+    return sum_module(max_module(s1, s2), min_module(s1, s2))
+
+
+def dag_backward(dy, x1, x2) -> DagGradients:
+    """The lab's backward pass through the DAG, module by module.
+
+    `dE/dx_i = dE/dy * s_i (1 - s_i)`; at a tie `s1 == s2` max sends its
+    gradient to branch 1 and min to branch 2 (see `max_backward`,
+    `min_backward`).
+
+    Args:
+        dy: dE/dy, same shape as `x1` and `x2`.
+        x1, x2: the DAG's inputs.
+
+    Returns:
+        `DagGradients` (every field has the inputs' shape).
+    """
+    s1 = ops.sigmoid(x1)
+    s2 = ops.sigmoid(x2)
+    dmax, dmin = sum_backward(dy)
+    ds1_max, ds2_max = max_backward(dmax, s1, s2)
+    ds1_min, ds2_min = min_backward(dmin, s1, s2)
+    ds1 = ds1_max + ds1_min
+    ds2 = ds2_max + ds2_min
+    return DagGradients(
+        sigmoid_backward(ds1, s1), sigmoid_backward(ds2, s2), ds1, ds2, dmax, dmin
+    )
+
+
+# --- Batch normalisation ------------------------------------------------------
 
 
 class BatchNormGradients(NamedTuple):
@@ -44,6 +238,20 @@ class BatchNormGradients(NamedTuple):
     dmu_second_term: object
 
 
+def _count(x, axes: Sequence[int]):
+    """The number of values reduced over `axes`, `m`, in `x`'s dtype."""
+    m = 1
+    for a in axes:
+        m = m * ops.shape(x)[a]  # dynamic batch size under tf.function
+    return ops.cast(m, x.dtype)
+
+
+def _mean(x, axes: Sequence[int]):
+    # Not ops.mean: on JAX and PyTorch it computes float64 in float32 (Keras'
+    # type promotion maps 64-bit dtypes to 32-bit there); a sum keeps the dtype.
+    return ops.sum(x, axis=axes, keepdims=True) / _count(x, axes)
+
+
 def batch_norm_moments(x, axes: Sequence[int]):
     """Mean and biased variance over `axes`, the variance from centred values.
 
@@ -52,15 +260,15 @@ def batch_norm_moments(x, axes: Sequence[int]):
     spread (e.g. 1e-4).
 
     Args:
-        x: input tensor.
+        x: input tensor, float32 or float64 (computed in its dtype on every
+            backend).
         axes: reduction axes (all but the channel axis).
 
     Returns:
         `(mean, variance)` with the reduced axes kept (size 1).
     """
-    mean = ops.mean(x, axis=axes, keepdims=True)
-    centred = x - mean
-    var = ops.mean(ops.square(centred), axis=axes, keepdims=True)
+    mean = _mean(x, axes)
+    var = _mean(ops.square(x - mean), axes)
     return mean, var
 
 
@@ -88,10 +296,7 @@ def batch_norm_backward(
         shape of `mean`; dgamma and dbeta have the shape of `mean` too
         (reshape to the parameter's shape where needed).
     """
-    m = 1
-    for a in axes:
-        m = m * ops.shape(x)[a]  # dynamic batch size under tf.function
-    m = ops.cast(m, x.dtype)
+    m = _count(x, axes)
     inv_std = ops.rsqrt(var + epsilon)
     centred = x - mean
     dx_hat = dy * gamma
@@ -134,8 +339,7 @@ def batch_norm_train(x, gamma, beta, epsilon: float, axes: Sequence[int]):
         y = batch_norm_forward(x, gamma, beta, mean, var, epsilon)
 
         def grad(*args, upstream=None):
-            if upstream is None:
-                (upstream,) = args
+            upstream = _upstream(args, upstream)
             g = batch_norm_backward(upstream, x, mean, var, gamma, epsilon, axes)
             return (
                 g.dx,

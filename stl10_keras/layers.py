@@ -88,7 +88,9 @@ class ManualBatchNorm(keras.layers.Layer):
         )
 
     def call(self, inputs, training=False):
-        compute_dtype = "float64" if inputs.dtype == "float64" else "float32"
+        # standardize_dtype: a torch dtype never compares equal to a string.
+        is_f64 = keras.backend.standardize_dtype(inputs.dtype) == "float64"
+        compute_dtype = "float64" if is_f64 else "float32"
         x = ops.cast(inputs, compute_dtype)
         gamma = ops.reshape(ops.cast(self.gamma, compute_dtype), self._broadcast_shape)
         beta = ops.reshape(ops.cast(self.beta, compute_dtype), self._broadcast_shape)
@@ -102,7 +104,9 @@ class ManualBatchNorm(keras.layers.Layer):
             self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
             self.moving_variance.assign(self.moving_variance * m + var * (1.0 - m))
         else:
-            mean = ops.reshape(ops.cast(self.moving_mean, compute_dtype), self._broadcast_shape)
+            mean = ops.reshape(
+                ops.cast(self.moving_mean, compute_dtype), self._broadcast_shape
+            )
             var = ops.reshape(
                 ops.cast(self.moving_variance, compute_dtype), self._broadcast_shape
             )
