@@ -144,7 +144,7 @@ class TrainConfig:
 
     epochs: int = 30
     batch_size: int = 32
-    learning_rate: float = 0.05
+    learning_rate: float = 0.01
     lr_decay: float = 1e-7
     weight_decay: float = 5e-4
     momentum: float = 0.5
@@ -242,9 +242,9 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
     config = Config(preset=name, variant=variant)
     config.data.dataset = dataset
     if dataset == "digits":
-        # 1,797 small images: a smaller k-means sample and more epochs.
+        # 1,797 small images: a smaller k-means sample, fewer epochs.
         config.kmeans.num_images = 1000
-        config.train.epochs = 30
+        config.train.epochs = 15
     if name == "paper":
         config.train.learning_rate = 1.0
     elif name == "smoke":

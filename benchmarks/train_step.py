@@ -1,0 +1,94 @@
+"""Training images/second: ManualBatchNorm vs keras' BatchNormalization, same run.
+
+Same network (the default 5-stage model), same synthetic uint8 data, same
+optimizer; only the batch-norm layer differs. Each configuration is timed in
+alternating rounds so machine noise hits both alike; the table reports the
+median round and the ratio.
+
+    python benchmarks/train_step.py [--image-size 96] [--batch-size 32]
+        [--steps 20] [--rounds 3] [--widths 64,128,256,512,512] [--jit auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from stl10_keras.config import preset  # noqa: E402
+from stl10_keras.model import build_model  # noqa: E402
+
+
+def make_model(batch_norm: str, args) -> keras.Model:
+    config = preset("default", "stl10", "baseline")
+    config.model.batch_norm = batch_norm
+    config.model.widths = tuple(int(w) for w in args.widths.split(","))
+    config.model.convs_per_stage = (1,) * len(config.model.widths)
+    keras.utils.set_random_seed(0)
+    model = build_model(config, (args.image_size, args.image_size, 3))
+    jit = {"auto": "auto", "on": True, "off": False}[args.jit]
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01, momentum=0.5),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit,
+    )
+    return model
+
+
+def time_steps(model, x, y, steps: int) -> float:
+    """Seconds for `steps` training steps (after the data is on the device)."""
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = model.train_on_batch(x, y)
+    float(np.asarray(loss))  # wait for the last step
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--widths", default="64,128,256,512,512")
+    p.add_argument("--jit", choices=("auto", "on", "off"), default="auto")
+    args = p.parse_args()
+
+    rng = np.random.default_rng(0)
+    s = args.image_size
+    x = rng.integers(0, 256, (args.batch_size, s, s, 3)).astype("float32")
+    y = rng.integers(0, 10, args.batch_size)
+    models = {name: make_model(name, args) for name in ("manual", "keras")}
+    for model in models.values():  # compile and warm up
+        time_steps(model, x, y, 2)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.rounds):
+        for name, model in models.items():
+            times[name].append(time_steps(model, x, y, args.steps))
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"keras {keras.__version__} ({keras.backend.backend()}), "
+          f"{s}x{s}x3, batch {args.batch_size}, jit {args.jit}, "
+          f"{args.rounds} rounds x {args.steps} steps")
+    print("| batch norm | step time (ms) | images/s | step time vs keras |")
+    print("|---|---|---|---|")
+    base = statistics.median(times["keras"]) / args.steps
+    for name, label in (("keras", "keras.layers.BatchNormalization"),
+                        ("manual", "ManualBatchNorm (lab's backward)")):
+        step = statistics.median(times[name]) / args.steps
+        print(f"| {label} | {step * 1e3:.1f} | {args.batch_size / step:.0f} | "
+              f"{step / base:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
