@@ -20,6 +20,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from stl10_keras.config import AugmentConfig
+
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")
 INTERPOLATIONS = ("bilinear", "nearest")
 RESAMPLERS = ("gather", "affine_transform")
@@ -245,9 +247,9 @@ class RandomAffine(keras.layers.Layer):
     `[-max_rotation_deg, max_rotation_deg]`, a zoom factor in `scale_range`
     and shifts in `[-max_translation, max_translation]` times the width and
     the height, composes them into one affine map about the image centre
-    (see `affine_matrices`) and resamples once (`warp_affine`). The layer is
-    jit-compatible (`supports_jit=True`), so it can be the first layer of a
-    model that trains under XLA.
+    (see `affine_matrices`) and resamples once (`warp_affine`). With the
+    default `resampler` the layer is jit-compatible (`supports_jit=True`), so
+    it can be the first layer of a model that trains under XLA.
 
     In inference (`training=False`), or when every transform is off, it
     returns the inputs unchanged (cast to the compute dtype). Like Keras'
@@ -406,7 +408,9 @@ class RandomAffine(keras.layers.Layer):
         return config
 
 
-def random_affine_from_config(augment_config, seed: int | None = None):
+def random_affine_from_config(
+    augment_config: AugmentConfig, seed: int | None = None
+) -> RandomAffine | None:
     """Build the training-time augmentation layer from an `AugmentConfig`.
 
     Args:

@@ -64,7 +64,8 @@ def _mosaic(images: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarra
     out = np.full((rows * (h + gap) - gap, cols * (w + gap) - gap, c), 255, np.uint8)
     for i in range(n):
         r, k = divmod(i, cols)
-        out[r * (h + gap): r * (h + gap) + h, k * (w + gap): k * (w + gap) + w] = images[i]
+        top, left = r * (h + gap), k * (w + gap)
+        out[top: top + h, left: left + w] = images[i]
     return out
 
 

@@ -27,7 +27,8 @@ def test_augmentation_grid_puts_originals_left_and_augmented_right(tmp_path):
     assert red.sum() >= 36 * 144 and blue.sum() >= 36 * 144
 
     written = matplotlib.image.imread(str(path))
-    np.testing.assert_array_equal(np.rint(written[..., :3] * 255).astype(np.uint8), image)
+    written = np.rint(written[..., :3] * 255).astype(np.uint8)
+    np.testing.assert_array_equal(written, image)
     assert [p.name for p in path.parent.iterdir()] == ["augmentation.png"]
 
 
