@@ -8,7 +8,7 @@ switch off XLA. `RandomAffine` draws all four per image, composes them into one
 affine map about the image centre and resamples once, with a bilinear sampler
 written in `keras.ops` gathers that XLA compiles.
 
-Backend-agnostic: imports keras and numpy only (never tensorflow).
+Backend-agnostic: imports keras, numpy and `stl10_keras.config` (never tensorflow).
 """
 
 from __future__ import annotations
