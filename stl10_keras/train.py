@@ -337,8 +337,12 @@ def train(
         augmentation = random_affine_from_config(config.augment, seed=t.seed)
         _augmentation_figure(augmentation, splits.x_train, run_dir)
         if config.augment.on == "cpu":
+            import tensorflow as tf
+
             layer = augmentation
 
+            # Compiled with XLA: 3-5x faster than a plain map (benchmarks/augment.py).
+            @tf.function(jit_compile=True)
             def map_fn(images, labels):
                 return layer(images, training=True), labels
 
