@@ -300,12 +300,21 @@ def batch_norm_backward(
     inv_std = ops.rsqrt(var + epsilon)
     centred = x - mean
     dx_hat = dy * gamma
-    dvar = ops.sum(dx_hat * centred, axis=axes, keepdims=True) * (-0.5) * inv_std**3
-    dmu_second = dvar * ops.sum(-2.0 * centred, axis=axes, keepdims=True) / m
-    dmu = ops.sum(-dx_hat, axis=axes, keepdims=True) * inv_std + dmu_second
+    # Every sum over k the derivation needs, taken in one pass over the
+    # tensor (sibling reductions of one input fuse into a single loop):
+    sum_dy = ops.sum(dy, axis=axes, keepdims=True)
+    sum_dy_centred = ops.sum(dy * centred, axis=axes, keepdims=True)
+    sum_centred = ops.sum(centred, axis=axes, keepdims=True)
+    # dE/dsigma^2 = sum_k dE/dx_hat_k (x_k - mu) (-1/2) (sigma^2 + eps)^(-3/2)
+    dvar = gamma * sum_dy_centred * (-0.5) * inv_std**3
+    # dE/dmu = sum_k -dE/dx_hat_k / sqrt(sigma^2 + eps)
+    #          + dE/dsigma^2 * sum_k -2 (x_k - mu) / m
+    dmu_second = dvar * (-2.0) * sum_centred / m
+    dmu = -gamma * sum_dy * inv_std + dmu_second
+    # dE/dx_k = dE/dx_hat_k / sqrt(.) + dE/dmu / m + dE/dsigma^2 2 (x_k - mu) / m
     dx = dx_hat * inv_std + dmu / m + dvar * 2.0 * centred / m
-    dgamma = ops.sum(dy * centred * inv_std, axis=axes, keepdims=True)
-    dbeta = ops.sum(dy, axis=axes, keepdims=True)
+    dgamma = sum_dy_centred * inv_std  # sum_k dE/dy_k x_hat_k
+    dbeta = sum_dy  # sum_k dE/dy_k
     return BatchNormGradients(dx, dmu, dvar, dgamma, dbeta, dmu_second)
 
 
