@@ -83,10 +83,14 @@ def test_model_trains_under_the_jax_backend():
         assert keras.backend.backend() == "jax"
         import sys
         from stl10_keras.config import preset
-        from stl10_keras.model import build_model
-        model = build_model(preset("smoke", "digits"), (32, 32, 3))
-        model.compile(keras.optimizers.SGD(0.05, momentum=0.5),
-                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        from stl10_keras.augment import RandomAffine
+        from stl10_keras.model import build_model, build_training_model
+        inference = build_model(preset("smoke", "digits"), (32, 32, 3))
+        # The full training model: augmentation on the device, jit-compiled.
+        model = build_training_model(inference, RandomAffine(seed=0))
+        model.compile(
+            jit_compile=True, optimizer=keras.optimizers.SGD(0.05, momentum=0.5),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (64, 32, 32, 3)).astype("uint8")
         y = rng.integers(0, 10, 64)
