@@ -1,4 +1,4 @@
-"""Tests of stl10_keras.kmeans.
+"""Tests of stl10_keras.kmeans (and its figures in stl10_keras.visualize).
 
 References are independent of the code under test: planted patterns, numpy
 slicing and sums, a ZCA matrix computed here from `np.cov`, Keras' own
@@ -11,6 +11,7 @@ import json
 import os
 
 import keras
+import matplotlib.image
 import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
@@ -18,6 +19,7 @@ from scipy.ndimage import gaussian_filter
 from stl10_keras import kmeans as km
 from stl10_keras.config import ConfigError, KMeansConfig, preset
 from stl10_keras.model import build_model
+from stl10_keras.visualize import save_centroid_grid, save_filter_grid
 
 
 def smooth_images(n, size=16, seed=0):
@@ -299,3 +301,22 @@ def test_patch_size_must_match_first_kernel():
     with pytest.raises(ConfigError, match="--kmeans-patch-size 3"):
         km.kmeans_init(model, config, lambda: batches_of(smooth_images(8), 8),
                        stages=(1,), progress=False)
+
+
+# --- figures -----------------------------------------------------------------
+
+
+def test_figures_are_written_atomically_and_match_returned_array(tmp_path):
+    rng = np.random.default_rng(9)
+    path = os.path.join(tmp_path, "figs", "centroids.png")
+    rgb = save_centroid_grid(rng.standard_normal((10, 7 * 7 * 3)), 7, 3, path)
+    assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3
+    on_disk = matplotlib.image.imread(path)[..., :3]
+    np.testing.assert_array_equal(np.round(on_disk * 255).astype(np.uint8), rgb)
+    rgb = save_filter_grid(rng.standard_normal((3, 3, 3, 8)),
+                           os.path.join(tmp_path, "figs", "filters.png"))
+    assert rgb.dtype == np.uint8
+    assert sorted(os.listdir(os.path.join(tmp_path, "figs"))) == [
+        "centroids.png", "filters.png"]  # no temporary files left
+    with pytest.raises(ValueError, match="1- or 3-channel"):
+        save_centroid_grid(rng.standard_normal((4, 3 * 3 * 8)), 3, 8, path)
