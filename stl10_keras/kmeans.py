@@ -176,6 +176,8 @@ def sample_patches(
             "patch_size, patches_per_image and num_images must all be positive."
         )
     layers = list(layers)
+    for layer in layers:
+        _check_supported(layer)
     rng = np.random.default_rng(seed)
     stream = _first_images(batches, num_images)
     # The batch-norm statistics need the first images before any window.
@@ -196,7 +198,13 @@ def sample_patches(
               leave=False) as bar:
         for batch in itertools.chain(pending, stream):
             if plan is None:
-                plan = _window_plan(layers, patch_size, batch.shape[1:3])
+                image_hw = batch.shape[1:3]
+                plan = _window_plan(layers, patch_size, image_hw)
+            elif batch.shape[1:3] != image_hw:
+                raise ValueError(
+                    f"All unlabeled images must have one size; got {image_hw} "
+                    f"and then {batch.shape[1:3]}. Resize them in the data pipeline."
+                )
             b, per = len(batch), patches_per_image
             ys = rng.integers(plan.low[0], plan.high[0] + 1, size=(b, per))
             xs = rng.integers(plan.low[1], plan.high[1] + 1, size=(b, per))
@@ -231,6 +239,8 @@ def _first_images(batches: Iterable, num_images: int) -> Iterator[np.ndarray]:
                 f"{batch.shape}; batch the unlabeled stream."
             )
         batch = batch[: num_images - read]
+        if not len(batch):
+            continue
         read += len(batch)
         yield batch
         if read >= num_images:
@@ -254,7 +264,6 @@ def _window_plan(layers, patch_size: int, image_hw) -> _WindowPlan:
     # keep it inside every layer's input (no zero padding reached).
     sizes = [tuple(int(s) for s in image_hw)]
     for layer in layers:
-        _check_supported(layer)
         sizes.append(tuple(layer.compute_output_shape((1, *sizes[-1], 1))[1:3]))
     k = patch_size
     if sizes[-1][0] < k or sizes[-1][1] < k:
