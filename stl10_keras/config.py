@@ -299,3 +299,9 @@ def validate(config: Config) -> None:
         )
     if k.patch_size < 1 or k.patch_size % 2 == 0:
         raise ConfigError("--kmeans-patch-size must be a positive odd number, e.g. 3 or 7.")
+    if 1 in k.stages and k.patch_size != m.kernel_size:
+        raise ConfigError(
+            f"--kmeans-patch-size ({k.patch_size}) must equal the conv kernel size "
+            f"({m.kernel_size}) to initialise stage 1; set both, e.g. "
+            "--kmeans-patch-size 7 --kernel-size 7."
+        )

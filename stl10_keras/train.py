@@ -85,6 +85,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--widths", type=_ints, default=None, help="filters per stage")
     g.add_argument("--convs-per-stage", type=_ints, default=None)
+    g.add_argument("--kernel-size", type=int, default=None,
+                   help="conv kernel side (k-means patches of stage 1 match it)")
     g.add_argument("--fc-units", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
     g.add_argument("--batch-norm", choices=("manual", "keras"), default=None)
@@ -137,6 +139,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         (t, "lr_decay", args.lr_decay), (t, "weight_decay", args.weight_decay),
         (t, "momentum", args.momentum), (t, "mixed_precision", args.mixed_precision),
         (m, "widths", args.widths), (m, "fc_units", args.fc_units),
+        (m, "kernel_size", args.kernel_size),
         (m, "dropout", args.dropout), (m, "batch_norm", args.batch_norm),
         (a, "enabled", args.augment), (a, "on", args.augment_on),
         (a, "max_rotation_deg", args.max_rotation),
@@ -417,7 +420,8 @@ def train(
         "epochs": t.epochs,
         "resumed": resuming,
         "variant": config.variant,
-        "kmeans_seconds": kmeans_info.get("kmeans_seconds") if kmeans_info else None,
+        "kmeans_seconds": kmeans_info["kmeans_seconds"] if kmeans_info else None,
+        "kmeans": kmeans_info["layers"] if kmeans_info else None,
         "data": splits.summary(),
         "export_path": exported,
     }
@@ -436,17 +440,34 @@ def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool) -> dict |
         return read_json(info_path)
     from stl10_keras.kmeans import kmeans_init
 
-    info = kmeans_init(model, config, splits.unlabeled_batches)
+    print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
+          f"{config.kmeans.num_images} unlabeled images")
+    result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
+    info = {"kmeans_seconds": result["kmeans_seconds"], "layers": result["layers"]}
     atomic_write_json(info_path, info)
+    _centroids_figure(result, config, run_dir)
     return info
+
+
+def _centroids_figure(result: dict, config, run_dir: Path) -> None:
+    """Figure 1: the stage-1 k-means centroids as small images."""
+    from stl10_keras.visualize import save_centroid_grid
+
+    centroids = result["centroids"].get("stage1_conv")
+    if centroids is None:
+        return
+    k = config.kmeans.patch_size
+    image = save_centroid_grid(
+        centroids, k, centroids.shape[1] // (k * k),
+        str(run_dir / "figures" / f"kmeans_centroids_{k}x{k}.png"),
+    )
+    log_image(run_dir / "logs", f"figure1_kmeans_centroids_{k}x{k}", image)
 
 
 def _augmentation_figure(layer, images, run_dir: Path) -> None:
     """Figure 3: originals beside their augmented versions."""
-    try:
-        from stl10_keras.visualize import save_augmentation_grid
-    except ImportError:
-        return
+    from stl10_keras.visualize import save_augmentation_grid
+
     originals = images[:36]
     augmented = layer(originals.astype("float32"), training=True)
     import numpy as np
@@ -459,11 +480,11 @@ def _augmentation_figure(layer, images, run_dir: Path) -> None:
 
 def _filters_figure(model, run_dir: Path) -> None:
     """Figure 2: the first layer's filters after training."""
-    try:
-        from stl10_keras.visualize import save_filter_grid
-    except ImportError:
-        return
-    kernel = model.get_layer("stage1_conv").kernel.numpy()
+    import keras
+
+    from stl10_keras.visualize import save_filter_grid
+
+    kernel = keras.ops.convert_to_numpy(model.get_layer("stage1_conv").kernel)
     image = save_filter_grid(kernel, str(run_dir / "figures" / "filters_stage1.png"))
     log_image(run_dir / "logs", "figure2_filters_stage1", image)
 

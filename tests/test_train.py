@@ -55,6 +55,7 @@ def test_variants_set_augmentation_and_kmeans_stages():
     (["--epochs", "0"], "--epochs"),
     (["--widths", "8,16", "--convs-per-stage", "1"], "convs_per_stage"),
     (["--scale-range", "0.5,1.0"], "--scale-range"),
+    (["--kmeans-patch-size", "7"], "--kernel-size"),
 ])
 def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
     args = build_parser().parse_args(["--dataset", "digits", *flags])
@@ -156,3 +157,30 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path):
     assert metrics["resumed"] is True
     assert [h["epoch"] for h in metrics["history"]] == list(range(1, 7))
     assert np.isfinite(metrics["val_accuracy"])
+
+
+@pytest.mark.e2e
+def test_default_variant_kmeans12_writes_the_figures_and_kmeans_record(tmp_path):
+    run = tmp_path / "run"
+    proc = _cli("--dataset", "digits", "--preset", "smoke", "--run-dir", str(run),
+                "--no-export", "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((run / "config.json").read_text())
+    assert config["variant"] == "kmeans12" and config["kmeans"]["stages"] == [1, 2]
+    assert config["augment"]["enabled"] is True
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["kmeans_seconds"] > 0
+    assert set(metrics["kmeans"]) == {"stage1_conv", "stage2_conv"}
+    for name in ("augmentation.png", "kmeans_centroids_3x3.png", "filters_stage1.png"):
+        assert (run / "figures" / name).stat().st_size > 1000
+    # The figures are in TensorBoard too, as images.
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    events = EventAccumulator(str(run / "logs" / "images"),
+                              size_guidance={"tensors": 0})
+    events.Reload()
+    tags = set(events.Tags()["tensors"])
+    assert {"figure3_augmentation", "figure1_kmeans_centroids_3x3",
+            "figure2_filters_stage1"} <= tags
