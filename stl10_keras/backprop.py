@@ -52,7 +52,7 @@ def _upstream(args, upstream):
     TensorFlow and JAX pass it positionally, PyTorch as `upstream=`.
     """
     if upstream is None:
-        (upstream,) = args
+        upstream = args[0] if len(args) == 1 else args
     return upstream
 
 
@@ -283,7 +283,7 @@ def batch_norm_forward(x, gamma, beta, mean, var, epsilon: float):
 
 
 def batch_norm_backward(
-    dy, x, mean, var, gamma, epsilon: float, axes: Sequence[int]
+    dy, x, mean, var, gamma, epsilon: float, axes: Sequence[int], centred=None
 ) -> BatchNormGradients:
     """The lab's batch-norm backward pass, term by term.
 
@@ -303,7 +303,8 @@ def batch_norm_backward(
     """
     m = _count(x, axes)
     inv_std = ops.rsqrt(var + epsilon)
-    centred = x - mean
+    if centred is None:
+        centred = x - mean
     # dE/dx_hat_k = dE/dy_k * gamma, and gamma is constant over k, so it comes
     # out of every sum. The sums the derivation needs, taken over the tensor
     # once (sibling reductions of one input fuse into a single loop under XLA):
@@ -344,28 +345,30 @@ def batch_norm_train(x, gamma, beta, epsilon: float, axes: Sequence[int]):
         moving averages).
     """
     axes = tuple(axes)
-    mean, var = batch_norm_moments(x, axes)
-    mean = ops.stop_gradient(mean)
-    var = ops.stop_gradient(var)
 
-    # mean and var are passed in (not closed over) so every backend's
-    # custom-gradient mechanism sees them as inputs; their gradient is zero
-    # because the hand-derived dx already flows through mu and sigma^2.
+    # The statistics and the centred values are computed once, inside, and
+    # reused by the backward pass; mean and var are also returned (for the
+    # moving averages) and carry no gradient of their own.
     @ops.custom_gradient
-    def _bn(x, gamma, beta, mean, var):
-        y = batch_norm_forward(x, gamma, beta, mean, var, epsilon)
+    def _bn(x, gamma, beta):
+        mean = _mean(x, axes)
+        centred = x - mean
+        var = _mean(ops.square(centred), axes)
+        y = centred * (gamma * ops.rsqrt(var + epsilon)) + beta
 
         def grad(*args, upstream=None):
             upstream = _upstream(args, upstream)
-            g = batch_norm_backward(upstream, x, mean, var, gamma, epsilon, axes)
+            # TensorFlow passes one cotangent per output, JAX one tuple.
+            dy = upstream[0] if isinstance(upstream, (tuple, list)) else upstream
+            g = batch_norm_backward(dy, x, mean, var, gamma, epsilon, axes,
+                                    centred=centred)
             return (
                 g.dx,
                 ops.reshape(g.dgamma, ops.shape(gamma)),
                 ops.reshape(g.dbeta, ops.shape(beta)),
-                ops.zeros_like(mean),
-                ops.zeros_like(var),
             )
 
-        return y, grad
+        return (y, mean, var), grad
 
-    return _bn(x, gamma, beta, mean, var), mean, var
+    y, mean, var = _bn(x, gamma, beta)
+    return y, ops.stop_gradient(mean), ops.stop_gradient(var)
