@@ -110,14 +110,16 @@ def test_smoke_run_end_to_end(tmp_path):
                  "--epochs", "2", "--run-dir", str(run), "--export-dir", str(export))
     assert again.returncode == 0 and "already holds a finished run" in again.stdout
     assert sorted(p.name for p in export.iterdir()) == ["1"]
-    # A different config in the same run dir is refused.
-    other = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
-                 "--epochs", "3", "--run-dir", str(tmp_path / "other"), "--no-export")
-    assert other.returncode == 0
-    os.remove(tmp_path / "other" / "metrics.json")
+    # A run dir holding another config is refused, before any training.
+    other = tmp_path / "other"
+    other.mkdir()
+    changed = json.loads((run / "config.json").read_text())
+    changed["train"]["epochs"] = 3
+    (other / "config.json").write_text(json.dumps(changed))
     clash = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
-                 "--epochs", "2", "--run-dir", str(tmp_path / "other"), "--no-export")
+                 "--epochs", "2", "--run-dir", str(other), "--no-export")
     assert clash.returncode == 2 and "different config" in clash.stderr
+    assert "Traceback" not in clash.stderr
 
 
 @pytest.mark.e2e
