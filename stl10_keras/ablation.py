@@ -1,0 +1,522 @@
+"""`python -m stl10_keras.ablation`: the lab's Table 1 and Figure 8.
+
+Trains the lab's four variants (baseline, +A, +A+Kmeans1, +A+Kmeans1&2) with
+everything else identical, N seeds each, one run directory per run:
+
+    DIR/VARIANT_sSEED/      an ordinary training run (see `stl10_keras.train`)
+    DIR/ablation.json       per variant: mean, std, per-seed accuracies, wall time;
+                            the protocol
+    DIR/ablation.md         Table 1 (for STL-10 beside the lab's reported numbers)
+    DIR/figure8.png         Figure 8: improvement over the baseline, absolute %
+    DIR/logs/               TensorBoard HParams: one session per run
+
+Rerunning the same command skips finished runs and resumes an interrupted one
+from its last completed epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from stl10_keras import config as cfg  # noqa: E402
+from stl10_keras.config import Config, ConfigError  # noqa: E402
+from stl10_keras.io_utils import (  # noqa: E402
+    atomic_write_json,
+    atomic_write_text,
+    read_json,
+)
+
+VARIANT_LABELS = {
+    "baseline": "baseline",
+    "augment": "+A",
+    "kmeans1": "+A+Kmeans1",
+    "kmeans12": "+A+Kmeans1&2",
+}
+# The lab's Table 1: STL-10 validation accuracy (%), 4,000 train / 1,000 validation.
+LAB_VAL_ACCURACY_PCT = {"baseline": 71.4, "augment": 80.9, "kmeans1": 83.9,
+                        "kmeans12": 84.4}
+# Config fields that are meant to differ between the variants (`apply_variant`).
+VARIANT_FIELDS = ("variant", "augment.enabled", "kmeans.stages")
+
+
+# --- command line ---------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from stl10_keras.train import add_config_arguments
+
+    parser = argparse.ArgumentParser(
+        prog="python -m stl10_keras.ablation",
+        description="The lab's Table 1 and Figure 8: train the four variants "
+                    "(baseline, augment, kmeans1, kmeans12) with everything else "
+                    "identical, N seeds each, and tabulate their accuracies. "
+                    "--variant and --seed do not apply (every variant and seeds "
+                    "0..N-1 are trained).",
+    )
+    add_config_arguments(parser)
+    g = parser.add_argument_group("ablation")
+    g.add_argument("--seeds", type=int, default=3,
+                   help="seeds per variant: 0..N-1 (default 3)")
+    g.add_argument("--run-dir", default=None,
+                   help="ablation directory (default runs/ablation_DATASET[_PRESET])")
+    g.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
+                   help="keras progress: 0 silent, 1 progress bar, 2 one line/epoch "
+                        "(default)")
+    return parser
+
+
+def plan_configs(args: argparse.Namespace) -> dict[tuple[str, int], Config]:
+    """The ablation's runs: `{(variant, seed): Config}`, all validated.
+
+    Raises:
+        ConfigError: a flag does not apply to an ablation or a value is invalid.
+    """
+    if args.variant is not None:
+        raise ConfigError(
+            f"--variant {args.variant} does not apply to an ablation, which trains "
+            "all four variants; drop it (or use python -m stl10_keras.train)."
+        )
+    if args.seed is not None:
+        raise ConfigError(
+            "--seed does not apply to an ablation; use --seeds N to train seeds "
+            "0..N-1 of each variant."
+        )
+    if args.augment is not None:
+        raise ConfigError(
+            "--augment/--no-augment do not apply to an ablation: the variant decides "
+            "augmentation (off for baseline, on for the others); drop the flag."
+        )
+    if args.seeds < 1:
+        raise ConfigError("--seeds must be at least 1.")
+    from stl10_keras.train import config_from_args
+
+    # Resolve the flags on the baseline, which any valid model can train; each
+    # variant is then checked on its own, so an error names the variant.
+    base_args = argparse.Namespace(**vars(args))
+    base_args.variant = "baseline"
+    base = config_from_args(base_args)
+    plan = {}
+    for seed in range(args.seeds):
+        for variant in cfg.VARIANTS:
+            config = Config.from_dict(base.to_dict())
+            config.variant = variant
+            config.train.seed = seed
+            cfg.apply_variant(config)
+            stages = config.kmeans.stages
+            if stages and max(stages) > len(config.model.widths):
+                raise ConfigError(
+                    f"variant {variant} initialises stage(s) {list(stages)} with "
+                    f"k-means, so the model needs at least {max(stages)} stages; "
+                    "give --widths more entries."
+                )
+            try:
+                cfg.validate(config)
+            except ConfigError as e:
+                raise ConfigError(f"variant {variant}: {e}") from None
+            plan[(variant, seed)] = config
+    return plan
+
+
+def default_ablation_dir(config: Config) -> Path:
+    suffix = "" if config.preset == "default" else f"_{config.preset}"
+    return Path("runs") / f"ablation_{config.data.dataset}{suffix}"
+
+
+def run_name(variant: str, seed: int) -> str:
+    return f"{variant}_s{seed}"
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def differing_fields(configs: Sequence[Config]) -> list[str]:
+    """Config fields (dotted names) whose value is not the same in all `configs`."""
+    flat = [_flatten(c.to_dict()) for c in configs]
+    return sorted(k for k in flat[0] if any(f[k] != flat[0][k] for f in flat[1:]))
+
+
+def check_existing_runs(
+    plan: dict[tuple[str, int], Config], ablation_dir: Path
+) -> None:
+    """Refuse a directory whose runs were made with another config.
+
+    `train` returns a finished run's metrics without looking at its config, so
+    without this check a rerun with, say, other `--epochs` would silently
+    report the old runs.
+    """
+    import json
+
+    for (variant, seed), config in plan.items():
+        path = ablation_dir / run_name(variant, seed) / "config.json"
+        if not path.exists():
+            continue
+        old = _flatten(read_json(path))
+        new = _flatten(json.loads(config.to_json()))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in diff[:3])
+            raise ConfigError(
+                f"{path.parent} was trained with another config ({shown}); pass "
+                "another --run-dir, or delete that directory to train it again."
+            )
+
+
+# --- statistics -----------------------------------------------------------------
+
+def _stats(values: Sequence[float]) -> dict[str, Any]:
+    """Mean, sample standard deviation (ddof=1; None for one value), values."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "std": std, "per_seed": list(values)}
+
+
+def summarize(
+    metrics: dict[tuple[str, int], dict], plan: dict[tuple[str, int], Config],
+    ablation_dir: Path,
+) -> dict[str, Any]:
+    """The content of `ablation.json` from every run's metrics."""
+    seeds = sorted({seed for _, seed in plan})
+    first = plan[("baseline", seeds[0])]
+    data = metrics[("baseline", seeds[0])]["data"]
+    differ = differing_fields(list(plan.values()))
+    unexpected = [f for f in differ if f not in VARIANT_FIELDS + ("train.seed",)]
+    if unexpected:  # plan_configs builds every run from one base config
+        raise AssertionError(f"variants differ in more than the variant: {unexpected}")
+    base = first.to_dict()
+    base.pop("variant")
+    base["train"].pop("seed")
+    base["augment"].pop("enabled")
+    base["kmeans"].pop("stages")
+    protocol = {
+        "dataset": first.data.dataset,
+        "data_source": data.get("source"),
+        "splits": {k: data.get(k)
+                   for k in ("train", "validation", "test", "unlabeled")},
+        "preset": first.preset,
+        "epochs": first.train.epochs,
+        "seeds": seeds,
+        "metric": "accuracy of the final model on the held-out validation split "
+                  "(the lab's Table 1 metric) and on the test split",
+        "std": "sample standard deviation over seeds (ddof=1); null for one seed",
+        "seed_controls": "the train/validation split, weight init, augmentation "
+                         "and k-means",
+        "variants": list(cfg.VARIANTS),  # the table's order (JSON keys are sorted)
+        "differs_between_variants": list(VARIANT_FIELDS),
+        "identical_config": base,
+        "wall_seconds": "per run, from its metrics.json: data, k-means, training, "
+                        "evaluation; a resumed run counts only its last session",
+    }
+    variants: dict[str, Any] = {}
+    baseline_val = [metrics[("baseline", s)]["val_accuracy"] for s in seeds]
+    for variant in cfg.VARIANTS:
+        runs = [metrics[(variant, s)] for s in seeds]
+        val = [m["val_accuracy"] for m in runs]
+        walls = [m["wall_seconds"] for m in runs]
+        entry = {
+            "label": VARIANT_LABELS[variant],
+            "run_dirs": [str(ablation_dir / run_name(variant, s)) for s in seeds],
+            "val_accuracy": _stats(val),
+            "test_accuracy": _stats([m["test_accuracy"] for m in runs]),
+            "improvement_over_baseline_pct": _stats(
+                [100.0 * (v - b) for v, b in zip(val, baseline_val)]),
+            "wall_seconds": {**_stats(walls), "total": sum(walls)},
+        }
+        if first.data.dataset == "stl10":
+            entry["lab_val_accuracy_pct"] = LAB_VAL_ACCURACY_PCT[variant]
+        variants[variant] = entry
+    return {"protocol": protocol, "variants": variants,
+            "total_wall_seconds": sum(v["wall_seconds"]["total"]
+                                      for v in variants.values())}
+
+
+# --- outputs --------------------------------------------------------------------
+
+def _pct(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{100.0 * x:.{digits}f}"
+
+
+def _mean_std(stats: dict) -> str:
+    """`mean ± std` in percent; the mean alone for one seed."""
+    if stats["std"] is None:
+        return _pct(stats["mean"])
+    return f"{_pct(stats['mean'])} ± {_pct(stats['std'])}"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def protocol_sentence(summary: dict) -> str:
+    p = summary["protocol"]
+    s = p["splits"]
+    seeds = p["seeds"]
+    seed_text = (f"seed {seeds[0]}" if len(seeds) == 1
+                 else f"seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} per variant)")
+    widths = ",".join(str(w) for w in p["identical_config"]["model"]["widths"])
+    return (f"Protocol: dataset {p['dataset']} ({p['data_source']}); trained on "
+            f"{s['train']:,} labeled images, validation accuracy on "
+            f"{s['validation']:,} "
+            f"held out of the labeled set (split by seed), test accuracy on "
+            f"{s['test']:,} test images; preset {p['preset']}, "
+            f"{_plural(p['epochs'], 'epoch')}, "
+            f"widths {widths}, {seed_text}; the variants differ only in "
+            "augmentation and k-means initialisation.")
+
+
+def render_markdown(summary: dict) -> str:
+    """`ablation.md`: the protocol, then Table 1."""
+    p = summary["protocol"]
+    stl10 = p["dataset"] == "stl10"
+    n = len(p["seeds"])
+    lines = [f"# Ablation (the lab's Table 1) on {p['dataset']}", "",
+             protocol_sentence(summary), ""]
+    if stl10:
+        lines += [
+            "The lab's column is its reported validation accuracy on a 4,000 / 1,000 "
+            "split of STL-10's 5,000 labeled images, which is what our validation "
+            "column measures. Published STL-10 results instead use 10 folds of "
+            "1,000 labeled images and the 8,000-image test set: our test column "
+            "uses that test set but trains on 4,000 images, so neither column "
+            "compares with published STL-10 numbers.", ""]
+    header = ["variant"]
+    if stl10:
+        header.append("lab val %")
+    header += ["val % (mean ± std)", "val % per seed", "test % (mean ± std)",
+               "test % per seed", "val vs baseline (pp)", "wall s per run (mean)"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
+    for variant, v in summary["variants"].items():
+        val, test, imp = (v["val_accuracy"], v["test_accuracy"],
+                          v["improvement_over_baseline_pct"])
+        row = [f"{v['label']} (`{variant}`)"]
+        if stl10:
+            row.append(f"{v['lab_val_accuracy_pct']:.1f}")
+        row += [
+            _mean_std(val),
+            ", ".join(_pct(x) for x in val["per_seed"]),
+            _mean_std(test),
+            ", ".join(_pct(x) for x in test["per_seed"]),
+            "–" if variant == "baseline" else (
+                f"{imp['mean']:+.2f}" + ("" if imp["std"] is None
+                                          else f" ± {imp['std']:.2f}")),
+            f"{v['wall_seconds']['mean']:.1f}",
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += [
+        "",
+        f"± is the sample standard deviation over the {_plural(n, 'seed')} (none "
+        "for one seed); "
+        "\"vs baseline\" is the mean over seeds of the variant's validation "
+        "accuracy minus the baseline's with the same seed (same split), in "
+        "percentage points. Total wall time of the runs: "
+        f"{summary['total_wall_seconds']:.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def save_figure8(summary: dict, path: Path) -> None:
+    """Figure 8: each variant's validation accuracy gain over the baseline (pp)."""
+    import numpy as np
+    from matplotlib.figure import Figure
+
+    from stl10_keras.visualize import figure_to_array, save_png
+
+    p = summary["protocol"]
+    variants = [v for v in cfg.VARIANTS if v != "baseline"]
+    entries = [summary["variants"][v] for v in variants]
+    means = [e["improvement_over_baseline_pct"]["mean"] for e in entries]
+    stds = [e["improvement_over_baseline_pct"]["std"] for e in entries]
+    stl10 = p["dataset"] == "stl10"
+    x = np.arange(len(variants))
+    width = 0.38 if stl10 else 0.6
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    offset = -width / 2 if stl10 else 0.0
+    has_std = all(s is not None for s in stds)
+    ax.bar(x + offset, means, width, yerr=stds if has_std else None, capsize=5,
+           color="#4477aa",
+           label=f"ours ({p['dataset']}, mean of {_plural(len(p['seeds']), 'seed')})")
+    for i, e in enumerate(entries):
+        per_seed = e["improvement_over_baseline_pct"]["per_seed"]
+        ax.plot([x[i] + offset] * len(per_seed), per_seed, "o", ms=4, color="black",
+                zorder=3, label="single seeds" if i == 0 else None)
+    if stl10:
+        lab = [LAB_VAL_ACCURACY_PCT[v] - LAB_VAL_ACCURACY_PCT["baseline"]
+               for v in variants]
+        ax.bar(x + width / 2, lab, width, color="#cc6677", label="lab (STL-10)")
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.set_xticks(x, [VARIANT_LABELS[v] for v in variants])
+    ax.set_ylabel("validation accuracy over baseline (pp)")
+    bars = "error bars: std over seeds" if has_std else "one seed: no error bars"
+    ax.set_title(f"Figure 8: improvement over the baseline\n{p['dataset']}, "
+                 f"{p['preset']} preset, {_plural(p['epochs'], 'epoch')}; {bars}",
+                 fontsize=10)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    save_png(figure_to_array(fig), str(path))
+
+
+def write_hparams(ablation_dir: Path, name: str, config: Config,
+                  metrics: dict) -> None:
+    """One TensorBoard HParams session per run, at DIR/logs/NAME (atomic)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import api as hp
+
+    logs = ablation_dir / "logs"
+    if not any(logs.glob("events.out.tfevents.*")):
+        writer = tf.summary.create_file_writer(str(logs))
+        with writer.as_default():
+            hp.hparams_config(
+                hparams=[
+                    hp.HParam("variant", hp.Discrete(list(cfg.VARIANTS))),
+                    hp.HParam("seed"),
+                    hp.HParam("augment", hp.Discrete([False, True])),
+                    hp.HParam("kmeans_stages", hp.Discrete(["none", "1", "1,2"])),
+                    hp.HParam("epochs"),
+                ],
+                metrics=[
+                    hp.Metric("val_accuracy", display_name="validation accuracy"),
+                    hp.Metric("test_accuracy", display_name="test accuracy"),
+                    hp.Metric("wall_seconds", display_name="wall time (s)"),
+                ],
+            )
+        writer.close()
+    final = logs / name
+    tmp = logs / f".tmp-{name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = tf.summary.create_file_writer(str(tmp))
+    stages = ",".join(str(s) for s in config.kmeans.stages) or "none"
+    with writer.as_default():
+        hp.hparams({"variant": config.variant, "seed": config.train.seed,
+                    "augment": config.augment.enabled, "kmeans_stages": stages,
+                    "epochs": config.train.epochs}, trial_id=name)
+        step = config.train.epochs
+        for key in ("val_accuracy", "test_accuracy", "wall_seconds"):
+            tf.summary.scalar(key, metrics[key], step=step)
+    writer.close()
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def _hparams_current(ablation_dir: Path, name: str, run_dir: Path) -> bool:
+    """True when DIR/logs/NAME was written after the run's metrics.json."""
+    events = list((ablation_dir / "logs" / name).glob("events.out.tfevents.*"))
+    return bool(events) and min(e.stat().st_mtime for e in events) >= \
+        (run_dir / "metrics.json").stat().st_mtime
+
+
+# --- the ablation ---------------------------------------------------------------
+
+def run_ablation(
+    plan: dict[tuple[str, int], Config], ablation_dir: str | os.PathLike,
+    verbose: int = 2, log=print,
+) -> dict[str, Any]:
+    """Train (or skip, or resume) every planned run, then write the outputs.
+
+    Args:
+        plan: `{(variant, seed): Config}` from `plan_configs`.
+        ablation_dir: the ablation directory; runs go to `DIR/VARIANT_sSEED`.
+        verbose: keras verbosity of each run.
+        log: where progress lines go.
+
+    Returns:
+        The summary also written to `DIR/ablation.json`.
+    """
+    ablation_dir = Path(ablation_dir)
+    check_existing_runs(plan, ablation_dir)
+    seeds = sorted({seed for _, seed in plan})
+    total = len(plan)
+    metrics: dict[tuple[str, int], dict] = {}
+    index = 0
+    for seed in seeds:
+        splits = None  # loaded once per seed, only if a run needs training
+        for variant in cfg.VARIANTS:
+            index += 1
+            config = plan[(variant, seed)]
+            name = run_name(variant, seed)
+            run_dir = ablation_dir / name
+            prefix = (f"[{index}/{total}] {VARIANT_LABELS[variant]} ({variant}), "
+                      f"seed {seed}")
+            if (run_dir / "metrics.json").exists():
+                log(f"{prefix}: skipped (finished)")
+                metrics[(variant, seed)] = read_json(run_dir / "metrics.json")
+            else:
+                resuming = (run_dir / "config.json").exists()
+                log(f"{prefix}: {'resuming' if resuming else 'training'} -> {run_dir}")
+                if splits is None:
+                    from stl10_keras import data as data_lib
+
+                    d = config.data
+                    splits = data_lib.load_splits(d.dataset, d.data_dir,
+                                                  d.val_per_class, seed, d.download)
+                import keras
+
+                from stl10_keras.train import train
+
+                keras.backend.clear_session()  # free the previous run's graphs
+                t0 = time.perf_counter()
+                m = train(config, run_dir, export_dir=None, verbose=verbose,
+                          splits=splits)
+                metrics[(variant, seed)] = m
+                log(f"{prefix}: validation {_pct(m['val_accuracy'])} %, test "
+                    f"{_pct(m['test_accuracy'])} % ({time.perf_counter() - t0:.0f} s)")
+            if not _hparams_current(ablation_dir, name, run_dir):
+                write_hparams(ablation_dir, name, config, metrics[(variant, seed)])
+
+    summary = summarize(metrics, plan, ablation_dir)
+    atomic_write_json(ablation_dir / "ablation.json", summary)
+    atomic_write_text(ablation_dir / "ablation.md", render_markdown(summary))
+    save_figure8(summary, ablation_dir / "figure8.png")
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from stl10_keras.data import DataUnavailableError
+    from stl10_keras.train import TrainingError
+
+    try:
+        plan = plan_configs(args)
+        first = next(iter(plan.values()))
+        ablation_dir = Path(args.run_dir) if args.run_dir else \
+            default_ablation_dir(first)
+        print(f"ablation of {len(cfg.VARIANTS)} variants x "
+              f"{_plural(args.seeds, 'seed')} on {first.data.dataset} ({first.preset} "
+              f"preset, {_plural(first.train.epochs, 'epoch')}) in {ablation_dir}")
+        summary = run_ablation(plan, ablation_dir, verbose=args.verbose)
+    except (ConfigError, DataUnavailableError, TrainingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("\nInterrupted. Rerun the same command to resume: finished runs are "
+              "skipped and the interrupted one continues from its last completed "
+              "epoch.", file=sys.stderr)
+        return 130
+    print()
+    print(render_markdown(summary))
+    print(f"wrote {ablation_dir / 'ablation.json'}, {ablation_dir / 'ablation.md'}, "
+          f"{ablation_dir / 'figure8.png'}; tensorboard --logdir {ablation_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""`python -m stl10_keras.ablation`: Table 1 and Figure 8.
+
+One smoke ablation on digits (4 runs, 1 seed, 1 epoch) is shared by the
+end-to-end tests: it is killed with SIGKILL after its second run, resumed, and
+then rerun; the other tests read its files.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, subprocess_env
+from stl10_keras import ablation
+from stl10_keras.config import VARIANTS
+
+SMOKE = ["--dataset", "digits", "--preset", "smoke", "--seeds", "1", "--epochs", "1"]
+
+
+def _cli(*args, timeout=600):
+    return subprocess.run(
+        [sys.executable, "-m", "stl10_keras.ablation", *args], cwd=ROOT,
+        env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _mtimes(folder):
+    return {v: os.stat(folder / f"{v}_s0" / "metrics.json").st_mtime_ns
+            for v in VARIANTS if (folder / f"{v}_s0" / "metrics.json").exists()}
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """A smoke ablation killed after two finished runs, then resumed."""
+    folder = tmp_path_factory.mktemp("ablation") / "abl"
+    args = [*SMOKE, "--run-dir", str(folder), "--verbose", "0"]
+    proc = subprocess.Popen([sys.executable, "-m", "stl10_keras.ablation", *args],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    second = folder / "augment_s0" / "metrics.json"
+    deadline = time.time() + 400
+    try:
+        while not second.exists():
+            if proc.poll() is not None:
+                pytest.fail(f"the ablation ended (exit {proc.returncode}) before it "
+                            "could be interrupted")
+            if time.time() > deadline:
+                pytest.fail("the ablation made no progress")
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # a hard crash: no cleanup
+        proc.wait()
+    killed = {"finished": _mtimes(folder),
+              "ablation_json": (folder / "ablation.json").exists()}
+    resumed = _cli(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"dir": folder, "args": args, "killed": killed, "resumed": resumed}
+
+
+# --- end to end -----------------------------------------------------------------
+
+@pytest.mark.e2e
+def test_interrupted_ablation_trains_only_the_missing_runs(smoke):
+    killed, out = smoke["killed"], smoke["resumed"].stdout
+    assert set(killed["finished"]) >= {"baseline", "augment"}
+    assert not killed["ablation_json"]
+    # The runs finished before the kill were not touched by the resume ...
+    now = _mtimes(smoke["dir"])
+    for variant, mtime in killed["finished"].items():
+        assert now[variant] == mtime
+        assert re.search(rf"\({variant}\), seed 0: skipped \(finished\)", out)
+    # ... and the missing ones were trained (the interrupted one resumed).
+    missing = [v for v in VARIANTS if v not in killed["finished"]]
+    assert missing and set(now) == set(VARIANTS)
+    for variant in missing:
+        assert re.search(rf"\({variant}\), seed 0: (training|resuming) ->", out)
+        assert not (smoke["dir"] / f"{variant}_s0" / "backup").exists()
+
+
+@pytest.mark.e2e
+def test_table_json_and_figure_hold_each_runs_numbers(smoke):
+    folder = smoke["dir"]
+    summary = json.loads((folder / "ablation.json").read_text())
+    table = (folder / "ablation.md").read_text()
+    assert set(summary["variants"]) == set(VARIANTS)
+    assert summary["protocol"]["variants"] == list(VARIANTS)
+    rows = {line.split("`")[1]: line for line in table.splitlines()
+            if line.startswith("| ") and "`" in line}
+    assert set(rows) == set(VARIANTS)
+    runs = {}
+    for variant in VARIANTS:
+        with open(folder / f"{variant}_s0" / "metrics.json") as f:
+            runs[variant] = json.load(f)
+        with open(folder / f"{variant}_s0" / "config.json") as f:
+            config = json.load(f)
+        assert config["variant"] == variant and config["train"]["epochs"] == 1
+        assert config["model"]["widths"] == [8, 16, 16, 32, 32]  # the smoke preset
+        entry, m = summary["variants"][variant], runs[variant]
+        assert entry["val_accuracy"]["per_seed"] == [m["val_accuracy"]]
+        assert entry["test_accuracy"]["per_seed"] == [m["test_accuracy"]]
+        assert entry["val_accuracy"]["mean"] == m["val_accuracy"]
+        assert entry["val_accuracy"]["std"] is None  # one seed
+        assert entry["wall_seconds"]["per_seed"] == [m["wall_seconds"]]
+        cells = [c.strip() for c in rows[variant].strip("|").split("|")]
+        assert f"{100 * m['val_accuracy']:.2f}" in cells
+        assert f"{100 * m['test_accuracy']:.2f}" in cells
+    for variant in VARIANTS[1:]:
+        gain = 100 * (runs[variant]["val_accuracy"] - runs["baseline"]["val_accuracy"])
+        assert summary["variants"][variant]["improvement_over_baseline_pct"]["mean"] \
+            == pytest.approx(gain, abs=1e-9)
+        assert f"{gain:+.2f}" in rows[variant]
+    # Only the variant's own fields differ between the runs' configs.
+    configs = [json.loads((folder / f"{v}_s0" / "config.json").read_text())
+               for v in VARIANTS]
+    flat = [_flatten(c) for c in configs]
+    differ = {k for k in flat[0] if any(f[k] != flat[0][k] for f in flat)}
+    assert differ == {"variant", "augment.enabled", "kmeans.stages"}
+    # The protocol is stated: dataset, splits, epochs, seeds, preset.
+    p = summary["protocol"]
+    assert (p["dataset"], p["preset"], p["epochs"], p["seeds"]) == \
+        ("digits", "smoke", 1, [0])
+    assert p["splits"] == {"train": 400, "validation": 200, "test": 300,
+                           "unlabeled": 897}
+    assert "Protocol: dataset digits" in table and "preset smoke, 1 epoch," in table
+    assert "400 labeled images" in table and "seed 0" in table
+    assert "lab val" not in table  # no lab column beside digits
+    import matplotlib.image
+
+    figure = matplotlib.image.imread(folder / "figure8.png")
+    assert figure.ndim == 3 and figure.shape[0] > 200 and figure.std() > 0
+
+
+@pytest.mark.e2e
+def test_hparams_summaries_are_readable_with_the_variant(smoke):
+    import tensorflow as tf
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+    from tensorboard.plugins.hparams import metadata
+
+    logs = smoke["dir"] / "logs"
+    events = EventAccumulator(str(logs), size_guidance={"tensors": 0})
+    events.Reload()
+    experiment = metadata.parse_experiment_plugin_data(
+        events.SummaryMetadata(metadata.EXPERIMENT_TAG).plugin_data.content)
+    assert "variant" in {h.name for h in experiment.hparam_infos}
+    assert {m.name.tag for m in experiment.metric_infos} >= {"val_accuracy",
+                                                             "test_accuracy"}
+    for variant in VARIANTS:
+        run = EventAccumulator(str(logs / f"{variant}_s0"),
+                               size_guidance={"tensors": 0})
+        run.Reload()
+        info = metadata.parse_session_start_info_plugin_data(
+            run.SummaryMetadata(metadata.SESSION_START_INFO_TAG).plugin_data.content)
+        assert info.hparams["variant"].string_value == variant
+        assert info.hparams["seed"].number_value == 0
+        metrics = json.loads((smoke["dir"] / f"{variant}_s0" / "metrics.json")
+                             .read_text())
+        for key in ("val_accuracy", "test_accuracy"):
+            (event,) = run.Tensors(key)
+            assert float(tf.make_ndarray(event.tensor_proto)) == \
+                pytest.approx(metrics[key], abs=1e-6)
+
+
+@pytest.mark.e2e
+def test_rerun_is_a_no_op(smoke):
+    folder = smoke["dir"]
+    before = _mtimes(folder)
+    outputs = {n: (folder / n).read_bytes()
+               for n in ("ablation.json", "ablation.md", "figure8.png")}
+    hparams = sorted(str(p) for p in (folder / "logs").rglob("events.out.*"))
+    again = _cli(*smoke["args"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped (finished)") == 4
+    assert "training ->" not in again.stdout and "resuming" not in again.stdout
+    assert _mtimes(folder) == before
+    assert sorted(str(p) for p in (folder / "logs").rglob("events.out.*")) == hparams
+    for name, content in outputs.items():
+        assert (folder / name).read_bytes() == content, name
+
+
+@pytest.mark.e2e
+def test_a_changed_config_in_the_same_dir_is_refused(smoke, capsys):
+    before = _mtimes(smoke["dir"])
+    code = ablation.main([*SMOKE[:-1], "2", "--run-dir", str(smoke["dir"])])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "train.epochs 1 -> 2" in err
+    assert _mtimes(smoke["dir"]) == before
+
+
+# --- command line ---------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--variant", "augment"], "--variant augment does not apply"),
+    (["--seed", "3"], "--seeds N"),
+    (["--no-augment"], "the variant decides augmentation"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--widths", "8", "--convs-per-stage", "1"],
+     "variant kmeans12 initialises stage(s) [1, 2]"),
+])
+def test_bad_flags_say_one_sentence_and_exit_2(flags, needle, tmp_path, capsys):
+    code = ablation.main(["--dataset", "digits", *flags, "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and needle in err
+    assert err.count("\n") == 1 and not any(tmp_path.iterdir())
+
+
+def test_bad_flag_from_the_command_line_has_no_traceback(tmp_path):
+    proc = _cli("--dataset", "digits", "--variant", "baseline", "--run-dir",
+                str(tmp_path))
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    assert "Traceback" not in proc.stderr
+
+
+def test_ctrl_c_says_a_rerun_resumes(monkeypatch, tmp_path, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ablation, "run_ablation", interrupted)
+    code = ablation.main([*SMOKE, "--run-dir", str(tmp_path)])
+    assert code == 130 and "Rerun the same command to resume" in capsys.readouterr().err
+
+
+# --- summary, table and figure without training ---------------------------------
+
+def test_stl10_table_has_the_labs_column_and_honest_statistics(tmp_path):
+    args = ablation.build_parser().parse_args(["--dataset", "stl10", "--seeds", "3",
+                                               "--epochs", "30"])
+    plan = ablation.plan_configs(args)
+    rng = np.random.default_rng(0)
+    data = {"dataset": "stl10", "source": "test", "image_shape": [96, 96, 3],
+            "train": 4000, "validation": 1000, "test": 8000, "unlabeled": 100000}
+    metrics = {key: {"val_accuracy": float(rng.integers(600, 900)) / 1000,
+                     "test_accuracy": float(rng.integers(4800, 7200)) / 8000,
+                     "wall_seconds": float(rng.uniform(100, 200)), "data": data}
+               for key in plan}
+    summary = ablation.summarize(metrics, plan, tmp_path)
+    for variant in VARIANTS:
+        val = np.array([metrics[(variant, s)]["val_accuracy"] for s in range(3)])
+        base = np.array([metrics[("baseline", s)]["val_accuracy"] for s in range(3)])
+        entry = summary["variants"][variant]
+        assert entry["val_accuracy"]["mean"] == pytest.approx(val.mean())
+        assert entry["val_accuracy"]["std"] == pytest.approx(val.std(ddof=1))
+        gain = entry["improvement_over_baseline_pct"]
+        assert gain["std"] == pytest.approx((100 * (val - base)).std(ddof=1))
+    table = ablation.render_markdown(summary)
+    header = next(line for line in table.splitlines() if line.startswith("| variant"))
+    assert header.split("|")[2].strip() == "lab val %"
+    for variant, lab in zip(VARIANTS, ("71.4", "80.9", "83.9", "84.4")):
+        row = next(line for line in table.splitlines() if f"`{variant}`" in line)
+        assert row.split("|")[2].strip() == lab
+    assert "4,000 labeled images" in table and "1,000 held out" in table
+    assert "8,000 test images" in table and "10 folds" in table
+    assert "30 epochs" in table and "seeds 0–2 (3 per variant)" in table
+    ablation.save_figure8(summary, tmp_path / "figure8.png")
+    assert (tmp_path / "figure8.png").stat().st_size > 5000
