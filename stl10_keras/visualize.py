@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 
 import matplotlib
 
@@ -18,6 +17,8 @@ import matplotlib.image  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+
+from stl10_keras.io_utils import atomic_output  # noqa: E402
 
 
 def figure_to_array(fig: Figure) -> np.ndarray:
@@ -45,17 +46,8 @@ def save_png(image: np.ndarray, path: str) -> None:
         image: `(H, W, 3)` uint8 RGB pixels.
         path: the PNG file to write; its folder is created if missing.
     """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            matplotlib.image.imsave(f, image, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path, suffix=".png") as tmp:
+        matplotlib.image.imsave(tmp, image, format="png")
 
 
 def _mosaic(images: np.ndarray, rows: int, cols: int, gap: int = 2) -> np.ndarray:
