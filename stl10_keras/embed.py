@@ -683,8 +683,8 @@ def embed(
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
-    # t-SNE's OpenMP threads spin at every iteration's barrier; on a CPU that
-    # other processes keep busy, one thread was 10x faster than two (README).
+    # t-SNE's OpenMP threads meet at a barrier every iteration; on a 2-core CPU
+    # that other processes kept busy, one thread ran this 3x faster (README).
     limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
     with limit:
         for name in tqdm(names, desc="kNN" + (" + t-SNE" if tsne else ""),
