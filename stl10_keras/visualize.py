@@ -7,7 +7,6 @@ as an RGB uint8 array, so the caller can also log it to TensorBoard.
 from __future__ import annotations
 
 import math
-import os
 
 import matplotlib
 

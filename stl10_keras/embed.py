@@ -1,0 +1,794 @@
+"""`python -m stl10_keras.embed`: per-layer features -> TensorBoard projector, t-SNE.
+
+The lab clusters test images with t-SNE on raw pixels and on the output of each
+conv stage, to show that deeper features separate the classes better. For a
+trained run this module takes a stratified sample of a split, extracts raw
+pixels, every stage's output (its max-pool) and `fc1` (the penultimate layer),
+and writes:
+
+    RUN/logs/projector/   TensorBoard projector: one checkpointed variable per
+                          layer, metadata.tsv, sprite.png, projector_config.pbtxt
+    RUN/figures/          tsne_LAYER.png per layer, tsne_grid.png, embed_knn.png
+    RUN/embed.json        per layer: dims, kNN accuracy in the feature space and
+                          in the 2-D t-SNE space
+
+`tensorboard --logdir RUN/logs` then shows every layer in the Projector tab,
+with thumbnails and colours by class.
+
+Flattened stage outputs can be wide (STL-10's first pool is 48x48x64 = 147,456
+values per image). Layers wider than `--max-dims` are reduced batch by batch
+with a seeded sparse random projection, which keeps pairwise distances within
+a few percent (Johnson-Lindenstrauss), so the sample stays small in memory, in
+the checkpoint and in the browser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from stl10_keras.config import Config, ConfigError  # noqa: E402
+from stl10_keras.io_utils import atomic_write_json  # noqa: E402
+
+SPLITS = ("test", "validation", "train")
+POOLS = ("flatten", "avg")
+PIXELS = "pixels"
+FC = "fc1"
+# The projector refuses sprites larger than this on either side (WebGL textures).
+SPRITE_MAX_SIDE = 8192
+KNN_NEIGHBORS = 10
+KNN_FOLDS = 5
+PCA_DIMS = 50
+PROJECTOR_DIR = "projector"
+CHECKPOINT_PREFIX = "embedding.ckpt"
+METADATA_FILE = "metadata.tsv"
+SPRITE_FILE = "sprite.png"
+TRAIN_HINT = "python -m stl10_keras.train ... --run-dir {run_dir}"
+
+
+class EmbedError(RuntimeError):
+    """The embedding cannot be made; the message says what to change."""
+
+
+# --- layers and sampling --------------------------------------------------------
+
+def layer_names(num_stages: int) -> list[str]:
+    """All layer names for a model with `num_stages` stages, shallow to deep.
+
+    Returns:
+        `["pixels", "stage1", ..., "stageN", "fc1"]`; `stageK` is the output
+        of stage K's max-pool (`stageK_pool`), whatever its number of convs.
+    """
+    return [PIXELS] + [f"stage{s}" for s in range(1, num_stages + 1)] + [FC]
+
+
+def parse_layers(text: str, num_stages: int) -> list[str]:
+    """Resolve a `--layers` value (`all` or comma-separated names).
+
+    Args:
+        text: `all`, or names like `pixels,stage1,stage3,fc1`.
+        num_stages: the model's number of stages.
+
+    Returns:
+        The chosen names, in network order, without duplicates.
+
+    Raises:
+        EmbedError: a name is not a layer of this model.
+    """
+    valid = layer_names(num_stages)
+    wanted = [t.strip() for t in text.split(",") if t.strip()]
+    if not wanted:
+        raise EmbedError(f"--layers is empty; choose 'all' or some of "
+                         f"{', '.join(valid)}.")
+    if wanted == ["all"]:
+        return valid
+    unknown = [w for w in wanted if w not in valid]
+    if unknown:
+        raise EmbedError(
+            f"Unknown layer(s) {', '.join(repr(u) for u in unknown)}; this model's "
+            f"layers are {', '.join(valid)} (or all)."
+        )
+    return [v for v in valid if v in wanted]
+
+
+def stratified_sample(labels: np.ndarray, max_points: int, seed: int) -> np.ndarray:
+    """Pick up to `max_points` indices, equally many per class as far as possible.
+
+    Classes take turns (round robin over a seeded shuffle of each class), so
+    every class gets `max_points // classes` images, or all it has when it has
+    fewer; the points left over go to the classes that still have images.
+
+    Args:
+        labels: integer labels of the split.
+        max_points: how many points to pick at most.
+        seed: seeds the choice.
+
+    Returns:
+        Sorted indices into `labels`.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    # A point's turn is its rank inside its (shuffled) class; ties between
+    # classes at the same turn are broken by a seeded class order.
+    turn = np.empty(len(labels), np.int64)
+    for c in classes:
+        idx = np.flatnonzero(labels == c)
+        turn[rng.permutation(idx)] = np.arange(len(idx))
+    class_order = np.empty(int(classes.max()) + 1 if len(classes) else 0, np.int64)
+    class_order[classes] = rng.permutation(len(classes))
+    order = np.lexsort((class_order[labels], turn))
+    return np.sort(order[:max_points])
+
+
+def min_points(num_classes: int) -> int:
+    """The fewest points a k-fold, k-neighbour score can be computed on."""
+    return max(KNN_FOLDS * num_classes, 2 * KNN_NEIGHBORS)
+
+
+# --- sprite ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpriteLayout:
+    """A square grid of thumbnails, `per_row` x `per_row`, row-major."""
+
+    per_row: int
+    thumb_height: int
+    thumb_width: int
+
+    @property
+    def height(self) -> int:
+        return self.per_row * self.thumb_height
+
+    @property
+    def width(self) -> int:
+        return self.per_row * self.thumb_width
+
+
+def sprite_layout(
+    num_points: int, image_height: int, image_width: int,
+    max_side: int = SPRITE_MAX_SIDE,
+) -> SpriteLayout:
+    """Lay `num_points` thumbnails out in a square sprite no wider than `max_side`.
+
+    Thumbnails keep the images' size when they fit and are shrunk (aspect
+    kept) when `ceil(sqrt(num_points))` of them would not.
+
+    Args:
+        num_points: thumbnails in the sprite.
+        image_height, image_width: the images' size.
+        max_side: the largest sprite side the projector accepts.
+
+    Returns:
+        A `SpriteLayout`.
+
+    Raises:
+        EmbedError: not even one-pixel thumbnails would fit.
+    """
+    if num_points < 1 or image_height < 1 or image_width < 1:
+        raise ValueError("sprite_layout needs at least one point of at least 1x1.")
+    per_row = math.isqrt(num_points - 1) + 1  # ceil(sqrt(n)), exact for big n
+    cell = max_side // per_row
+    if cell < 1:
+        raise EmbedError(
+            f"{num_points} thumbnails do not fit a {max_side}x{max_side} sprite even "
+            f"at one pixel each; lower --max-points to at most {max_side ** 2}."
+        )
+    longest = max(image_height, image_width)
+    if longest <= cell:
+        return SpriteLayout(per_row, image_height, image_width)
+    return SpriteLayout(per_row, max(1, image_height * cell // longest),
+                        max(1, image_width * cell // longest))
+
+
+def make_sprite(images: np.ndarray, layout: SpriteLayout) -> np.ndarray:
+    """Tile `(N, H, W, C)` uint8 images into the sprite `layout` describes.
+
+    Returns:
+        `(layout.height, layout.width, 3)` uint8 RGB, unused cells black.
+    """
+    from PIL import Image
+
+    n, h, w = images.shape[:3]
+    th, tw = layout.thumb_height, layout.thumb_width
+    sprite = np.zeros((layout.height, layout.width, 3), np.uint8)
+    for i in range(n):
+        image = images[i]
+        if image.ndim == 2 or image.shape[-1] == 1:
+            image = np.repeat(image.reshape(h, w, 1), 3, axis=-1)
+        if (th, tw) != (h, w):
+            image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BOX))
+        r, c = divmod(i, layout.per_row)
+        sprite[r * th:(r + 1) * th, c * tw:(c + 1) * tw] = image
+    return sprite
+
+
+# --- features -------------------------------------------------------------------
+
+class _Reducer:
+    """Flatten or average-pool a batch, then project it if it is too wide."""
+
+    def __init__(self, pool: str, max_dims: int, seed: int):
+        self.pool, self.max_dims, self.seed = pool, max_dims, seed
+        self.dims: int | None = None
+        self.projection = None
+
+    def __call__(self, batch: np.ndarray, spatial: bool) -> np.ndarray:
+        batch = np.asarray(batch, np.float32)
+        if spatial and self.pool == "avg":
+            batch = batch.mean(axis=(1, 2))
+        batch = batch.reshape(len(batch), -1)
+        if self.dims is None:
+            self.dims = batch.shape[1]
+            if self.max_dims and self.dims > self.max_dims:
+                from sklearn.random_projection import SparseRandomProjection
+
+                # Only the input width matters to fit(); one zero row gives it.
+                self.projection = SparseRandomProjection(
+                    n_components=self.max_dims, random_state=self.seed,
+                    dense_output=True,
+                ).fit(np.zeros((1, self.dims), np.float32))
+        if self.projection is not None:
+            batch = self.projection.transform(batch)
+        return np.asarray(batch, np.float32)
+
+
+def extract_features(
+    model,
+    images: np.ndarray,
+    layers: Sequence[str],
+    pool: str = "flatten",
+    max_dims: int = 4096,
+    batch_size: int = 64,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Per-layer features of `images`, computed batch by batch.
+
+    Each batch's activations are pooled or flattened (and projected to
+    `max_dims` when wider) before batches are concatenated, so memory holds
+    one batch of full activations and the reduced features only.
+
+    Args:
+        model: an inference model from `build_model` (images in 0..255).
+        images: `(N, H, W, C)` uint8 images.
+        layers: names from `layer_names` (`pixels`, `stageK`, `fc1`).
+        pool: `flatten` (every activation) or `avg` (global average per
+            channel) for the stage outputs; pixels are always flattened.
+        max_dims: project layers wider than this to this many dims (0: never).
+        batch_size: images per forward pass.
+        seed: seeds the random projections.
+        progress: show a progress bar.
+
+    Returns:
+        `(features, dims)`: `{layer: (N, D) float32}` in `layers` order, and
+        each layer's width before any projection.
+    """
+    from tqdm import tqdm
+
+    from stl10_keras.model import feature_extractor, stage_output_names
+
+    stages = stage_output_names(model)
+    source = {f"stage{s}": name for s, name in enumerate(stages, start=1)}
+    source[FC] = FC
+    extractor = feature_extractor(model, include_fc=FC in layers)
+    needs_model = any(name != PIXELS for name in layers)
+    reducers = {name: _Reducer(pool, max_dims, seed + k)
+                for k, name in enumerate(layers)}
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in layers}
+    starts = range(0, len(images), batch_size)
+    for start in tqdm(starts, desc="features", unit="batch", disable=not progress):
+        batch = images[start:start + batch_size]
+        outputs = (extractor.predict_on_batch(batch.astype(np.float32))
+                   if needs_model else {})
+        for name in layers:
+            if name == PIXELS:
+                # Raw pixels in [0, 1]: the lab's baseline representation.
+                part = reducers[name](batch.astype(np.float32) / 255.0, spatial=False)
+            else:
+                activation = np.asarray(outputs[source[name]]).astype(np.float32)
+                part = reducers[name](activation, spatial=activation.ndim == 4)
+            parts[name].append(part)
+    features = {name: np.concatenate(parts[name]) for name in layers}
+    dims = {name: int(reducers[name].dims) for name in layers}
+    return features, dims
+
+
+# --- scores and t-SNE -----------------------------------------------------------
+
+def knn_accuracy(features: np.ndarray, labels: np.ndarray, seed: int = 0) -> float:
+    """Mean accuracy of a 10-nearest-neighbour classifier, 5-fold stratified CV."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    folds = StratifiedKFold(KNN_FOLDS, shuffle=True, random_state=seed)
+    scores = cross_val_score(KNeighborsClassifier(n_neighbors=KNN_NEIGHBORS),
+                             features, labels, cv=folds)
+    return float(np.mean(scores))
+
+
+def tsne_2d(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
+    """2-D t-SNE of `features` (PCA to 50 dims first when wider), seeded."""
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = features.astype(np.float64)
+    if x.shape[1] > PCA_DIMS:
+        x = PCA(min(PCA_DIMS, len(x)), random_state=seed).fit_transform(x)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca",
+                learning_rate="auto", random_state=seed)
+    return tsne.fit_transform(x).astype(np.float32)
+
+
+# --- outputs --------------------------------------------------------------------
+
+def write_projector(
+    log_dir: str | os.PathLike,
+    features: dict[str, np.ndarray],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    images: np.ndarray,
+    summary: str,
+) -> Path:
+    """Write a TensorBoard projector for `features` into `log_dir/projector/`.
+
+    One `tf.Variable` per layer is saved with `tf.train.Checkpoint`; every
+    embedding shares `metadata.tsv` (header `label\\tclass`) and the sprite of
+    thumbnails. An event file with `summary` (text) makes the folder a run
+    TensorBoard lists, which is how the projector plugin finds it. The folder
+    is built aside and swapped in, so a reader never sees half of it.
+
+    Args:
+        log_dir: the run's TensorBoard folder (`RUN/logs`).
+        features: `{layer: (N, D) float32}`.
+        labels: `(N,)` integer labels.
+        class_names: names by label.
+        images: `(N, H, W, C)` uint8 images for the sprite.
+        summary: markdown shown in TensorBoard's Text tab.
+
+    Returns:
+        The projector folder.
+    """
+    import tensorflow as tf
+    from tensorboard.plugins import projector
+
+    from stl10_keras.visualize import save_png
+
+    log_dir = Path(log_dir)
+    final = log_dir / PROJECTOR_DIR
+    tmp = log_dir / f".{PROJECTOR_DIR}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+
+    variables = {name: tf.Variable(value, trainable=False, name=name)
+                 for name, value in features.items()}
+    tf.train.Checkpoint(**variables).save(str(tmp / CHECKPOINT_PREFIX))
+
+    rows = "".join(f"{int(y)}\t{class_names[int(y)]}\n" for y in labels)
+    (tmp / METADATA_FILE).write_text("label\tclass\n" + rows)
+
+    layout = sprite_layout(len(images), images.shape[1], images.shape[2])
+    save_png(make_sprite(images, layout), str(tmp / SPRITE_FILE))
+
+    config = projector.ProjectorConfig()
+    for name in features:
+        embedding = config.embeddings.add()
+        embedding.tensor_name = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+        embedding.metadata_path = METADATA_FILE
+        embedding.sprite.image_path = SPRITE_FILE
+        embedding.sprite.single_image_dim.extend([layout.thumb_width,
+                                                  layout.thumb_height])
+    projector.visualize_embeddings(str(tmp), config)
+
+    writer = tf.summary.create_file_writer(str(tmp))
+    with writer.as_default():
+        tf.summary.text("embeddings", summary, step=0)
+    writer.close()
+
+    old = log_dir / f".{PROJECTOR_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _class_colors(num_classes: int):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(num_classes)]
+
+
+def _scatter(ax, points, labels, colors, size):
+    for c, color in enumerate(colors):
+        mask = labels == c
+        ax.scatter(points[mask, 0], points[mask, 1], s=size, color=color,
+                   linewidths=0, alpha=0.85)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _legend_handles(class_names, colors):
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], marker="o", linestyle="", color=color, markersize=6,
+                   label=name) for name, color in zip(class_names, colors)]
+
+
+def _layer_title(row: dict) -> str:
+    dims = f"{row['dims']} dims"
+    if row["stored_dims"] != row["dims"]:
+        dims += f" -> {row['stored_dims']}"
+    return (f"{row['name']} ({dims})\nkNN {row['knn_accuracy']:.3f}, "
+            f"on t-SNE {row['tsne_knn_accuracy']:.3f}")
+
+
+def save_tsne_figure(points, labels, class_names, row, path) -> np.ndarray:
+    """One layer's t-SNE map, coloured by class, with a legend of class names."""
+    from matplotlib.figure import Figure
+
+    from stl10_keras.visualize import figure_to_array, save_png
+
+    colors = _class_colors(len(class_names))
+    fig = Figure(figsize=(6.4, 5.2), dpi=100)
+    ax = fig.add_axes((0.03, 0.03, 0.74, 0.86))
+    _scatter(ax, points, labels, colors, size=10)
+    ax.set_title(_layer_title(row), fontsize=10)
+    ax.legend(handles=_legend_handles(class_names, colors), loc="center left",
+              bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False, title="class")
+    image = figure_to_array(fig)
+    save_png(image, str(path))
+    return image
+
+
+def save_tsne_grid(maps, labels, class_names, rows, path, title) -> np.ndarray:
+    """All layers' t-SNE maps side by side, one shared legend."""
+    from matplotlib.figure import Figure
+
+    from stl10_keras.visualize import figure_to_array, save_png
+
+    colors = _class_colors(len(class_names))
+    n = len(rows)
+    cols = min(4, n)
+    nrows = math.ceil(n / cols)
+    spare = nrows * cols > n  # an empty panel holds the legend
+    panel = 3.3
+    extra = 0.0 if spare else 1.5
+    fig = Figure(figsize=(cols * panel + extra, nrows * (panel + 0.4) + 0.4), dpi=100)
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        _scatter(ax, maps[row["name"]], labels, colors, size=4)
+        ax.set_title(_layer_title(row), fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.set_axis_off()
+    fig.subplots_adjust(left=0.02, right=1 - (extra + 0.1) / fig.get_figwidth(),
+                        top=1 - 0.75 / fig.get_figheight(), bottom=0.02,
+                        wspace=0.08, hspace=0.3)
+    handles = _legend_handles(class_names, colors)
+    if spare:
+        list(axes.flat)[n].legend(handles=handles, loc="center", fontsize=9,
+                                  frameon=False, title="class",
+                                  ncol=2 if len(class_names) > 10 else 1)
+    else:
+        fig.legend(handles=handles, loc="center right", fontsize=9, frameon=False,
+                   title="class")
+    fig.suptitle(title, fontsize=11)
+    image = figure_to_array(fig)
+    save_png(image, str(path))
+    return image
+
+
+def save_knn_chart(rows, num_classes, path) -> np.ndarray:
+    """Bar chart: kNN accuracy per layer, in the feature space and on the t-SNE map."""
+    from matplotlib.figure import Figure
+
+    from stl10_keras.visualize import figure_to_array, save_png
+
+    names = [r["name"] for r in rows]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(4.5, 0.9 * len(rows) + 1.5), 3.8), dpi=100)
+    ax = fig.add_subplot()
+    feature = [r["knn_accuracy"] for r in rows]
+    tsne = [r["tsne_knn_accuracy"] for r in rows]
+    has_tsne = all(t is not None for t in tsne)
+    width = 0.4 if has_tsne else 0.6
+    bars = [ax.bar(x - (width / 2 if has_tsne else 0), feature, width,
+                   label="feature space")]
+    if has_tsne:
+        bars.append(ax.bar(x + width / 2, tsne, width, label="2-D t-SNE"))
+    for b in bars:  # differences of a few points are the story: print them
+        ax.bar_label(b, fmt="%.2f", fontsize=7, padding=1)
+    ax.axhline(1.0 / num_classes, color="grey", linestyle="--", linewidth=1,
+               label="chance")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.18)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel(f"{KNN_NEIGHBORS}-NN accuracy ({KNN_FOLDS}-fold CV)")
+    ax.set_title("Class separation per layer", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", ncol=3, frameon=False)
+    fig.tight_layout()
+    image = figure_to_array(fig)
+    save_png(image, str(path))
+    return image
+
+
+def _rounded(score: float) -> float:
+    return round(score, 4)
+
+
+_POOL_WORDS = {"flatten": "flattened", "avg": "averaged per channel"}
+
+
+def _summary_markdown(result: dict) -> str:
+    lines = [
+        f"{result['num_points']} {result['split']} images, stage outputs "
+        f"{_POOL_WORDS[result['pool']]}; kNN: {KNN_NEIGHBORS} neighbours, "
+        f"{KNN_FOLDS}-fold stratified CV.", "",
+        "| layer | dims | kNN (features) | kNN (t-SNE) |", "|---|---|---|---|",
+    ]
+    for r in result["layers"]:
+        dims = str(r["dims"])
+        if r["stored_dims"] != r["dims"]:
+            dims += f" -> {r['stored_dims']}"
+        tsne = r["tsne_knn_accuracy"]
+        tsne = "" if tsne is None else f"{tsne:.3f}"
+        lines.append(f"| {r['name']} | {dims} | {r['knn_accuracy']:.3f} | {tsne} |")
+    return "\n".join(lines)
+
+
+# --- the whole step -------------------------------------------------------------
+
+def _read_run_config(run_dir: Path) -> Config:
+    if not (run_dir / "model.keras").is_file():
+        raise EmbedError(
+            f"{run_dir} holds no model.keras; train first: "
+            f"{TRAIN_HINT.format(run_dir=run_dir)}."
+        )
+    config_path = run_dir / "config.json"
+    try:
+        return Config.from_json(config_path.read_text())
+    except OSError:
+        raise EmbedError(
+            f"{config_path} is missing; embed a run made by python -m "
+            "stl10_keras.train (it writes config.json beside model.keras)."
+        ) from None
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise EmbedError(f"{config_path}: {e}") from None
+        raise EmbedError(f"{config_path} is not valid JSON ({e}).") from None
+
+
+def embed(
+    run_dir: str | os.PathLike,
+    split: str = "test",
+    layers: str | Sequence[str] = "all",
+    max_points: int = 2000,
+    pool: str = "flatten",
+    perplexity: float = 30.0,
+    seed: int = 0,
+    tsne: bool = True,
+    max_dims: int = 4096,
+    batch_size: int = 64,
+    threads: int | None = None,
+    progress: bool = True,
+    splits=None,
+) -> dict[str, Any]:
+    """Features of every layer of a trained run -> projector, t-SNE figures, scores.
+
+    Args:
+        run_dir: a run directory holding `model.keras` and `config.json`.
+        split: `test`, `validation` or `train`.
+        layers: `all`, comma-separated names, or a list of names
+            (`pixels`, `stage1`..`stageN`, `fc1`).
+        max_points: sample size (stratified by class; the whole split when
+            it is smaller).
+        pool: `flatten` or `avg` (global average) for the stage outputs.
+        perplexity: t-SNE perplexity (below the number of points).
+        seed: seeds the sample, PCA, t-SNE, projections and CV folds.
+        tsne: compute the t-SNE maps and their figures.
+        max_dims: random-project wider layers to this many dims (0: never).
+        batch_size: images per forward pass.
+        threads: OpenMP/BLAS threads for kNN and t-SNE (None: all cores).
+        progress: show progress bars.
+        splits: preloaded `data.Splits` (None: load the run's dataset).
+
+    Returns:
+        The dict written to `RUN/embed.json`.
+
+    Raises:
+        EmbedError: a bad argument, or a run dir without a trained model.
+    """
+    run_dir = Path(run_dir)
+    config = _read_run_config(run_dir)
+    if split not in SPLITS:
+        raise EmbedError(f"Unknown split '{split}'; choose one of {', '.join(SPLITS)}.")
+    if pool not in POOLS:
+        raise EmbedError(f"Unknown pool '{pool}'; choose one of {', '.join(POOLS)}.")
+    num_stages = len(config.model.widths)
+    names = parse_layers(layers if isinstance(layers, str) else ",".join(layers),
+                         num_stages)
+    needed = min_points(config.model.num_classes)
+    if max_points < needed:
+        raise EmbedError(
+            f"--max-points must be at least {needed} ({KNN_FOLDS} per class for "
+            f"{KNN_FOLDS}-fold cross-validation of the kNN score), got {max_points}."
+        )
+    if max_dims < 0 or batch_size < 1 or (threads is not None and threads < 1):
+        raise EmbedError("--max-dims must be 0 or more, --batch-size and --threads "
+                         "at least 1.")
+    if tsne and perplexity <= 0:
+        raise EmbedError(f"--perplexity must be positive, got {perplexity}.")
+
+    from stl10_keras import data as data_lib
+    from stl10_keras.model import load_model, stage_output_names
+
+    if splits is None:
+        try:
+            splits = data_lib.load_splits(
+                config.data.dataset, config.data.data_dir, config.data.val_per_class,
+                config.train.seed, config.data.download,
+            )
+        except data_lib.DataUnavailableError as e:
+            raise EmbedError(str(e)) from None
+    images, labels = {
+        "test": (splits.x_test, splits.y_test),
+        "validation": (splits.x_val, splits.y_val),
+        "train": (splits.x_train, splits.y_train),
+    }[split]
+    chosen = stratified_sample(labels, max_points, seed)
+    images, labels = images[chosen], np.asarray(labels[chosen])
+    counts = np.bincount(labels, minlength=len(splits.class_names))
+    if counts[counts > 0].min(initial=len(labels)) < KNN_FOLDS or len(labels) < needed:
+        raise EmbedError(
+            f"The {split} split gives too few images per class for {KNN_FOLDS}-fold "
+            f"cross-validation ({counts.tolist()}); use a larger split."
+        )
+    if tsne and perplexity >= len(labels):
+        raise EmbedError(
+            f"--perplexity ({perplexity:g}) must be below the number of points "
+            f"({len(labels)}); lower it or raise --max-points."
+        )
+
+    try:
+        model = load_model(run_dir / "model.keras")
+    except Exception as e:  # a corrupt or foreign file: say which, not how
+        raise EmbedError(
+            f"Cannot load {run_dir / 'model.keras'} ({type(e).__name__}); train the "
+            f"run again: {TRAIN_HINT.format(run_dir=run_dir)}."
+        ) from None
+    model_stages = len(stage_output_names(model))
+    if model_stages != num_stages:
+        raise EmbedError(
+            f"model.keras has {model_stages} stages but config.json describes "
+            f"{num_stages}; the run dir is inconsistent, train it again."
+        )
+
+    features, dims = extract_features(model, images, names, pool, max_dims,
+                                      batch_size, seed, progress)
+    rows = []
+    maps = {}
+    from threadpoolctl import threadpool_limits
+    from tqdm import tqdm
+
+    # t-SNE's OpenMP threads meet at a barrier every iteration; on a 2-core CPU
+    # that other processes kept busy, one thread ran this 3x faster (README).
+    limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
+    with limit:
+        for name in tqdm(names, desc="kNN" + (" + t-SNE" if tsne else ""),
+                         unit="layer", disable=not progress):
+            row = {"name": name, "dims": dims[name],
+                   "stored_dims": int(features[name].shape[1]),
+                   "knn_accuracy": _rounded(knn_accuracy(features[name], labels,
+                                                         seed)),
+                   "tsne_knn_accuracy": None}
+            if tsne:
+                maps[name] = tsne_2d(features[name], perplexity, seed)
+                row["tsne_knn_accuracy"] = _rounded(knn_accuracy(maps[name], labels,
+                                                                 seed))
+            rows.append(row)
+
+    result: dict[str, Any] = {
+        "split": split,
+        "num_points": int(len(labels)),
+        "per_class": {splits.class_names[c]: int(n) for c, n in enumerate(counts)},
+        "pool": pool,
+        "max_dims": max_dims,
+        "perplexity": perplexity if tsne else None,
+        "seed": seed,
+        "knn": {"neighbors": KNN_NEIGHBORS, "folds": KNN_FOLDS,
+                "cv": "StratifiedKFold(shuffle=True, random_state=seed)"},
+        "layers": rows,
+        "projector": str(Path("logs") / PROJECTOR_DIR),
+    }
+    write_projector(run_dir / "logs", features, labels, splits.class_names, images,
+                    _summary_markdown(result))
+
+    figures = []
+    if tsne:
+        fig_dir = run_dir / "figures"
+        for row in rows:
+            path = fig_dir / f"tsne_{row['name']}.png"
+            save_tsne_figure(maps[row["name"]], labels, splits.class_names, row, path)
+            figures.append(path)
+        path = fig_dir / "tsne_grid.png"
+        save_tsne_grid(maps, labels, splits.class_names, rows, path,
+                       f"t-SNE of each layer: {len(labels)} {split} images, "
+                       f"stage outputs {_POOL_WORDS[pool]}")
+        figures.append(path)
+    path = run_dir / "figures" / "embed_knn.png"
+    save_knn_chart(rows, len(splits.class_names), path)
+    figures.append(path)
+    result["figures"] = [str(p.relative_to(run_dir)) for p in figures]
+    atomic_write_json(run_dir / "embed.json", result)
+    return result
+
+
+# --- command line ---------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stl10_keras.embed",
+        description="t-SNE and kNN class separation of raw pixels, every stage and "
+                    "fc1 of a trained run, and a TensorBoard projector of them.",
+    )
+    parser.add_argument("--run-dir", required=True,
+                        help="a run directory from python -m stl10_keras.train")
+    parser.add_argument("--split", choices=SPLITS, default="test")
+    parser.add_argument("--layers", default="all",
+                        help="all (default) or e.g. pixels,stage1,stage3,fc1")
+    parser.add_argument("--max-points", type=int, default=2000,
+                        help="sample size, stratified by class (default 2000)")
+    parser.add_argument("--pool", choices=POOLS, default="flatten",
+                        help="stage outputs flattened (default) or averaged per "
+                             "channel")
+    parser.add_argument("--perplexity", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-tsne", action="store_true",
+                        help="skip t-SNE (projector and feature-space kNN only)")
+    parser.add_argument("--max-dims", type=int, default=4096,
+                        help="random-project wider layers to this many dims "
+                             "(0: never; default 4096)")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per forward pass (default 64)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for kNN and t-SNE (default: all cores; "
+                             "1 is faster on a busy machine)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = embed(args.run_dir, args.split, args.layers, args.max_points,
+                       args.pool, args.perplexity, args.seed, not args.no_tsne,
+                       args.max_dims, args.batch_size, args.threads)
+    except EmbedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nInterrupted; nothing half-written was left behind. Rerun the "
+              "command.", file=sys.stderr)
+        return 130
+    print(_summary_markdown(result))
+    run_dir = Path(args.run_dir)
+    print(f"\nwrote {run_dir / 'embed.json'}, {run_dir / 'logs' / PROJECTOR_DIR}/, "
+          f"{len(result['figures'])} figures in {run_dir / 'figures'}/")
+    print(f"projector: tensorboard --logdir {run_dir / 'logs'}  (Projector tab)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
