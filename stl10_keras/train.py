@@ -273,10 +273,11 @@ def _optimizer(t: cfg.TrainConfig):
 
 
 def _jit_compile():
-    """XLA on accelerators; off for TensorFlow on a CPU, where it halves the speed.
+    """XLA on accelerators; off for TensorFlow on a CPU, where it does not pay.
 
-    Measured with benchmarks/train_step.py on a 2-core CPU: a training step
-    with XLA took 2x the time of one without (see README).
+    Measured with benchmarks/train_step.py on a 2-core CPU: at 32x32 a training
+    step with XLA took 2x the time of one without; at 96x96 they were within
+    noise (see README).
     """
     import keras
 
