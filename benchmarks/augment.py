@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from datetime import datetime, timezone
@@ -35,6 +34,7 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from stl10_keras.augment import RandomAffine  # noqa: E402
+from _common import cpu_name  # noqa: E402
 
 SIZE = 96
 MAX_ROTATION_DEG = 15.0
@@ -165,17 +165,6 @@ def measure(
             rate = batches * batch_size / method(warmup, batches)
             best[name] = max(best[name], rate)
     return best
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _load() -> str:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
 import resource
 import threading
 import time
@@ -33,6 +32,7 @@ from sklearn.cluster import KMeans
 from stl10_keras import kmeans as km
 from stl10_keras.config import preset
 from stl10_keras.model import build_model
+from _common import cpu_name
 
 
 def dead_leaves_images(num: int, size: int = 96, seed: int = 0,
@@ -83,17 +83,6 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _current_rss_mb())
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _current_rss_mb() -> float:
@@ -147,7 +136,7 @@ def main() -> None:
     for name, info in result["layers"].items():
         rows.append((name, info))
     print(f"# k-means initialisation benchmark, {datetime.date.today()}, "
-          f"{_cpu_name()}, "
+          f"{cpu_name()}, "
           f"{len(images)} synthetic 96x96x3 images ({gen_s:.1f} s to generate)")
     print(f"resident memory: {rss.before:.0f} MB before kmeans_init (TensorFlow, "
           f"model, the {images.nbytes / 2**20:.0f} MB of images), peak during it "

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from stl10_keras.config import preset  # noqa: E402
 from stl10_keras.model import build_model  # noqa: E402
+from _common import cpu_name  # noqa: E402
 
 
 def make_model(batch_norm: str, jit: str, args) -> keras.Model:
@@ -78,7 +78,7 @@ def main() -> None:
         for name, model in models.items():
             times[name].append(time_steps(model, x, y, args.steps))
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+    print(f"# {cpu_name()}, {os.cpu_count()} cores, "
           f"keras {keras.__version__} ({keras.backend.backend()}), "
           f"{s}x{s}x3, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps")
