@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import gc
 import json
 import logging
 import os
@@ -192,13 +193,20 @@ class ModelRepository:
         base_path: the model base path, `saved_models/NAME`.
         name: the model name in the URLs (default: the base path's folder name).
         log: where warnings go (one line each).
+        freeze_gc: after each load, collect garbage once and `gc.freeze()` what
+            is left. With TensorFlow loaded a full collection walks ~400,000
+            objects (0.5 s on a 2-core EPYC), and the lists a JSON request
+            allocates trigger one every few requests: a p99 of 0.5 s instead of
+            50 ms for batches of 32 images. For a server process only (freezing
+            is process-wide).
     """
 
     def __init__(self, base_path: str | os.PathLike, name: str | None = None,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, freeze_gc: bool = False):
         self.base_path = Path(base_path)
         self.name = name or self.base_path.resolve().name
         self._log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self._freeze_gc = freeze_gc
         self._lock = threading.Lock()  # guards _current and _states
         self._load_lock = threading.Lock()  # one load at a time
         self._current: Servable | None = None
@@ -273,6 +281,10 @@ class ModelRepository:
                     self._states[version] = ("AVAILABLE", "OK", "")
                     if served is not None:
                         self._states[served] = ("END", "OK", "")
+                if self._freeze_gc:  # unfreeze first, so the old version is freed
+                    gc.unfreeze()
+                    gc.collect()
+                    gc.freeze()
                 if served is not None:
                     self._log(f"Serving model '{self.name}' version {version} "
                               f"(was {served}).")
@@ -836,7 +848,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the background with SIGINT ignored.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
-    repository = ModelRepository(args.model_base_path, args.model_name)
+    repository = ModelRepository(args.model_base_path, args.model_name, freeze_gc=True)
     try:
         # A missing or empty base path fails here, before TensorFlow is loaded.
         servable = repository.start()
