@@ -3,6 +3,14 @@
 The exported `serving_default` signature takes uint8 images `[None, H, W, 3]`
 (input name `images`) and returns `probabilities` (float32 `[None, classes]`),
 `class_ids` (int64 `[None]`) and `class_names` (string `[None]`).
+
+The `serving_bytes` signature takes encoded JPEG, PNG, GIF, BMP or WebP images of
+any size (string `[None]`, input name `image_bytes`: TF Serving's REST API decodes
+`{"b64": ...}` values for it), decodes and resizes them to `H x W` in the graph
+(`decode_image_bytes`) and returns the same three outputs.
+
+Each version also holds `assets.extra/class_names.txt` (all class names, one a
+line), which `stl10_keras.predict` reads to name its top-k classes.
 """
 
 from __future__ import annotations
@@ -11,9 +19,25 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-import keras
+if TYPE_CHECKING:
+    import keras
+
+# keras and tensorflow are imported inside the functions that need them, so the
+# serve and predict commands can check their paths before loading TensorFlow.
+
+#: The signature that takes encoded images, and the name of its input.
+BYTES_SIGNATURE = "serving_bytes"
+IMAGE_BYTES_INPUT = "image_bytes"
+#: The class names, one a line (index = class id), inside each version:
+#: TF Serving's `assets.extra/` holds files for clients, not for the graph.
+CLASS_NAMES_FILE = "assets.extra/class_names.txt"
+#: Formats `check_encoded_image` lets through to `tf.io.decode_image`, as
+#: Pillow names them (MPO: a camera's multi-picture JPEG).
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+#: Larger images are refused before decoding (a small PNG can hold a huge image).
+MAX_IMAGE_PIXELS = 2**25
 
 
 def next_version(export_dir: str | os.PathLike) -> int:
@@ -24,6 +48,81 @@ def next_version(export_dir: str | os.PathLike) -> int:
     return max(versions, default=0) + 1
 
 
+def list_versions(export_dir: str | os.PathLike) -> list[int]:
+    """The versions under a model base path that hold a `saved_model.pb`, ascending.
+
+    Folders that are not integers (such as an export's temp folder) are skipped.
+    """
+    path = Path(export_dir)
+    if not path.is_dir():
+        return []
+    return sorted(int(p.name) for p in path.iterdir()
+                  if p.name.isdigit() and (p / "saved_model.pb").is_file())
+
+
+def check_encoded_image(data: bytes) -> tuple[str, int, int]:
+    """Check, from its header only, that `data` is an image `serving_bytes` decodes.
+
+    Pillow reads the header (no pixels are decoded), so this is cheap, and it
+    gives one clear sentence where `tf.io.decode_image` would fail with a graph
+    error. A corrupt body behind a valid header still fails in the graph.
+
+    Args:
+        data: the encoded image.
+
+    Returns:
+        `(format, width, height)`.
+
+    Raises:
+        ValueError: not a JPEG, PNG, GIF, BMP or WebP image, or more than
+            `MAX_IMAGE_PIXELS` pixels.
+    """
+    import io
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning
+            with Image.open(io.BytesIO(data)) as image:
+                fmt, (width, height) = image.format, image.size
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
+            ValueError, SyntaxError):
+        raise ValueError("is not a JPEG, PNG, GIF, BMP or WebP image") from None
+    if fmt not in IMAGE_FORMATS:
+        raise ValueError(f"is a {fmt} image; send JPEG, PNG, GIF, BMP or WebP")
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ValueError(f"is {width}x{height} pixels, more than the "
+                         f"{MAX_IMAGE_PIXELS:,} allowed; scale it down first")
+    return fmt, width, height
+
+
+def decode_image_bytes(image_bytes, height: int, width: int, channels: int = 3):
+    """Decode one encoded image and resize it to the model's input, as uint8.
+
+    `tf.io.decode_image` (JPEG, PNG, GIF's first frame, BMP, WebP; grey or RGBA
+    become `channels` channels), then bilinear `tf.image.resize` (half-pixel
+    centres, no antialiasing; an image already `height x width` is unchanged),
+    rounded and clipped to 0..255. The `serving_bytes` signature runs exactly this in
+    its graph; `stl10_keras.predict` runs it eagerly for older exports.
+
+    Args:
+        image_bytes: a scalar string tensor, the encoded image.
+        height, width: the model's input size.
+        channels: the model's input channels.
+
+    Returns:
+        A uint8 tensor `[height, width, channels]`.
+    """
+    import tensorflow as tf
+
+    image = tf.io.decode_image(image_bytes, channels=channels,
+                               expand_animations=False)
+    image = tf.image.resize(image, (height, width), method="bilinear")
+    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
 def export_saved_model(
     model: keras.Model,
     export_dir: str | os.PathLike,
@@ -32,9 +131,11 @@ def export_saved_model(
 ) -> Path:
     """Export the inference model as a SavedModel version, atomically.
 
-    The SavedModel is written to a temporary folder beside the versions and
-    renamed into place, so a failed export leaves no partial version that TF
-    Serving could pick up.
+    Two signatures: `serving_default` (uint8 `images`) and `serving_bytes`
+    (encoded `image_bytes`), see the module docstring, and the class names in
+    `CLASS_NAMES_FILE`. The SavedModel is
+    written to a temporary folder beside the versions and renamed into place,
+    so a failed export leaves no partial version that TF Serving could pick up.
 
     Args:
         model: the inference model (images 0..255 -> logits), no augmentation.
@@ -45,6 +146,7 @@ def export_saved_model(
     Returns:
         The path of the written version folder.
     """
+    import keras
     import tensorflow as tf
 
     base = Path(export_dir)
@@ -74,9 +176,26 @@ def export_saved_model(
         fn=serve,
         input_signature=[tf.TensorSpec([None, h, w, c], tf.uint8, name="images")],
     )
+
+    def serve_bytes(image_bytes):
+        images = tf.map_fn(
+            lambda one: decode_image_bytes(one, h, w, c),
+            image_bytes,
+            fn_output_signature=tf.TensorSpec([h, w, c], tf.uint8),
+        )
+        return serve(images)
+
+    archive.add_endpoint(
+        name=BYTES_SIGNATURE,
+        fn=serve_bytes,
+        input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)],
+    )
     tmp = base / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
     try:
         archive.write_out(str(tmp), verbose=False)
+        (tmp / CLASS_NAMES_FILE).parent.mkdir()
+        (tmp / CLASS_NAMES_FILE).write_text(
+            "".join(f"{n}\n" for n in class_names), encoding="utf-8")
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,3 +1,4 @@
+import io
 import json
 import subprocess
 import sys
@@ -10,7 +11,8 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from stl10_keras.config import preset
-from stl10_keras.export import export_saved_model, next_version
+from stl10_keras.export import (CLASS_NAMES_FILE, decode_image_bytes,
+                                export_saved_model, next_version)
 from stl10_keras.model import build_model
 
 CLASSES = [f"class{i}" for i in range(10)]
@@ -78,6 +80,15 @@ def test_versions_increment_and_saved_model_cli_lists_the_signature(
     assert "DT_UINT8" in out and "(-1, 32, 32, 3)" in out
     for name in ("probabilities", "class_ids", "class_names"):
         assert f"outputs['{name}']" in out
+    # The encoded-image signature: a string input, the same three outputs.
+    sections = {part.split("']", 1)[0]: part
+                for part in out.split("signature_def['")[1:]}
+    assert "inputs['image_bytes']" in sections["serving_bytes"]
+    assert "DT_STRING" in sections["serving_bytes"].split("outputs[")[0]
+    for signature in ("serving_default", "serving_bytes"):
+        for name in ("probabilities", "class_ids", "class_names"):
+            assert f"outputs['{name}']" in sections[signature]
+    assert (base / "2" / CLASS_NAMES_FILE).read_text().splitlines() == CLASSES
 
 
 def test_failed_export_leaves_no_partial_version(trained_model, tmp_path, monkeypatch):
@@ -95,3 +106,49 @@ def test_failed_export_leaves_no_partial_version(trained_model, tmp_path, monkey
         export_saved_model(trained_model, base, CLASSES)
     assert list(base.iterdir()) == []
     assert next_version(base) == 1
+
+
+def _encode(image, fmt, **kwargs):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_serving_bytes_matches_serving_default_on_independently_decoded_images(
+        trained_model, tmp_path):
+    import tensorflow as tf
+    from PIL import Image
+
+    path = export_saved_model(trained_model, tmp_path / "m", CLASSES)
+    signatures = tf.saved_model.load(str(path)).signatures
+    rng = np.random.default_rng(2)
+    rgb = rng.integers(0, 256, (32, 32, 3)).astype("uint8")
+    grey = rng.integers(0, 256, (32, 32)).astype("uint8")
+    alpha = rng.integers(0, 256, (32, 32, 1)).astype("uint8")
+    big = rng.integers(0, 256, (64, 64, 3)).astype("uint8")
+    # Bilinear resizing by exactly 1/2 with half-pixel centres is the mean of
+    # each 2x2 block (np.round and tf.round both round half to even).
+    halved = np.round(big.reshape(32, 2, 32, 2, 3).mean((1, 3))).astype("uint8")
+    cases = [  # (encoded image, the uint8 image serving_default should see)
+        (_encode(rgb, "PNG"), rgb),
+        (_encode(rgb, "BMP"), rgb),
+        (_encode(grey, "PNG"), np.repeat(grey[..., None], 3, axis=-1)),
+        (_encode(np.concatenate([rgb, alpha], -1), "PNG"), rgb),  # alpha dropped
+        (_encode(big, "PNG"), halved),
+    ]
+    got = signatures["serving_bytes"](image_bytes=tf.constant([c[0] for c in cases]))
+    expected = np.stack([c[1] for c in cases])
+    want = signatures["serving_default"](images=tf.constant(expected))
+    np.testing.assert_allclose(got["probabilities"], want["probabilities"],
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(got["class_ids"], want["class_ids"])
+    np.testing.assert_array_equal(got["class_names"], want["class_names"])
+    # JPEG: TensorFlow's and Pillow's decoders round the IDCT differently, so
+    # compare the pixels the graph decodes with Pillow's, within a few levels.
+    jpeg = _encode(rgb, "JPEG", quality=90)
+    pillow = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB")).astype(int)
+    decoded = decode_image_bytes(tf.constant(jpeg), 32, 32).numpy().astype(int)
+    assert decoded.shape == (32, 32, 3)
+    assert np.abs(decoded - pillow).mean() < 2 and np.abs(decoded - pillow).max() <= 16

@@ -1,0 +1,417 @@
+"""The REST server over real HTTP on loopback, against the SavedModel's own signatures.
+
+References are independent of the server: the exported signatures loaded with
+`tf.saved_model.load`, images decoded by Pillow, and TF Serving's documented JSON.
+"""
+
+import base64
+import io
+import json
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from conftest import ROOT, subprocess_env
+from stl10_keras.config import preset
+from stl10_keras.export import export_saved_model
+from stl10_keras.model import build_model
+from stl10_keras.serve import ModelRepository, ModelServer, NoVersionError
+
+CLASSES = [f"class{i}" for i in range(10)]
+NAME = "digits"
+MAX_BODY = 2**20  # the module's server takes bodies up to 1 MB
+# No proxy from the environment may sit between the tests and 127.0.0.1.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def call(url, body=None, method=None, raw=None, timeout=120):
+    """One HTTP request; returns (status, parsed JSON body)."""
+    data = raw if raw is not None else (None if body is None else
+                                        json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def encode(image: np.ndarray, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def b64(data: bytes) -> dict:
+    return {"b64": base64.b64encode(data).decode("ascii")}
+
+
+def as_lists(outputs: dict) -> dict:
+    """Signature outputs as the JSON types TF Serving uses."""
+    return {k: [s.decode() for s in v.numpy()] if v.dtype == tf.string
+            else v.numpy().tolist() for k, v in outputs.items()}
+
+
+def assert_rows_match(predictions, reference):
+    """Row-format predictions (list of dicts) == the signature's batched outputs."""
+    assert len(predictions) == len(reference["class_ids"])
+    np.testing.assert_allclose([p["probabilities"] for p in predictions],
+                               reference["probabilities"], rtol=1e-6, atol=1e-7)
+    assert [p["class_ids"] for p in predictions] == reference["class_ids"]
+    assert [p["class_names"] for p in predictions] == reference["class_names"]
+    assert all(set(p) == {"probabilities", "class_ids", "class_names"}
+               for p in predictions)
+
+
+def sharp_model():
+    """The smoke model with its logits scaled up, so classes are well separated."""
+    keras.utils.set_random_seed(0)
+    model = build_model(preset("smoke", "digits"), (32, 32, 3))
+    logits = model.get_layer("logits")
+    kernel, bias = logits.get_weights()
+    logits.set_weights([kernel * 30.0, bias])
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    model = sharp_model()
+    base = tmp_path_factory.mktemp("serve") / NAME
+    export_saved_model(model, base, CLASSES)
+    return model, base
+
+
+@pytest.fixture(scope="module")
+def reference(exported):
+    _, base = exported
+    return tf.saved_model.load(str(base / "1")).signatures
+
+
+@contextmanager
+def running_server(base, poll_seconds=None, max_body_bytes=MAX_BODY):
+    repository = ModelRepository(base, NAME)
+    repository.start()
+    if poll_seconds:
+        repository.start_polling(poll_seconds)
+    server = ModelServer(repository, "127.0.0.1", 0, threads=8,
+                         max_body_bytes=max_body_bytes)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield f"{server.url}/v1/models/{NAME}"
+    finally:
+        server.close()
+        repository.stop()
+        thread.join(timeout=10)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope="module")
+def url(exported):
+    _, base = exported
+    with running_server(base) as url:
+        yield url
+
+
+def images(seed, n):
+    return np.random.default_rng(seed).integers(0, 256, (n, 32, 32, 3)).astype("uint8")
+
+
+# --- status and metadata --------------------------------------------------------------
+
+def test_status_is_tf_servings_json(url):
+    expected = {"model_version_status": [{
+        "version": "1", "state": "AVAILABLE",
+        "status": {"error_code": "OK", "error_message": ""}}]}
+    assert call(url) == (200, expected)
+    assert call(f"{url}/versions/1") == (200, expected)
+
+
+def test_metadata_lists_both_signatures_with_dtypes_and_shapes(url, reference):
+    status, body = call(f"{url}/metadata")
+    assert status == 200
+    assert body["model_spec"] == {"name": NAME, "signature_name": "", "version": "1"}
+    defs = body["metadata"]["signature_def"]["signature_def"]
+    assert sorted(defs) == ["serving_bytes", "serving_default"]
+    for name, fn in reference.items():
+        sig = defs[name]
+        assert sig["method_name"] == "tensorflow/serving/predict"
+        for where, specs in (("inputs", fn.structured_input_signature[1]),
+                             ("outputs", fn.structured_outputs)):
+            assert sorted(sig[where]) == sorted(specs)
+            for key, spec in specs.items():
+                info = sig[where][key]
+                assert info["dtype"] == "DT_" + {"float32": "FLOAT"}.get(
+                    spec.dtype.name, spec.dtype.name.upper())
+                dims = [int(d["size"]) for d in info["tensor_shape"]["dim"]]
+                assert dims == [-1 if d is None else d for d in spec.shape]
+    assert defs["serving_default"]["inputs"]["images"]["dtype"] == "DT_UINT8"
+    assert defs["serving_bytes"]["inputs"]["image_bytes"]["dtype"] == "DT_STRING"
+
+
+# --- predictions ----------------------------------------------------------------------
+
+def test_uint8_instances_match_the_saved_models_signature(url, reference):
+    x = images(1, 5)
+    want = as_lists(reference["serving_default"](images=tf.constant(x)))
+    status, body = call(f"{url}:predict", {"instances": x.tolist()})
+    assert status == 200 and set(body) == {"predictions"}
+    assert_rows_match(body["predictions"], want)
+    # Named instances, the signature and version spelled out: the same answer.
+    status, body = call(f"{url}/versions/1:predict", {
+        "signature_name": "serving_default",
+        "instances": [{"images": image.tolist()} for image in x]})
+    assert status == 200
+    assert_rows_match(body["predictions"], want)
+    # Integral floats are whole numbers in 0..255: accepted.
+    status, body = call(f"{url}:predict", {"instances": x[:1].astype(float).tolist()})
+    assert status == 200
+    np.testing.assert_allclose(body["predictions"][0]["probabilities"],
+                               want["probabilities"][0], rtol=1e-6, atol=1e-7)
+
+
+def test_columnar_inputs_give_columnar_outputs(url, reference):
+    x = images(2, 3)
+    want = as_lists(reference["serving_default"](images=tf.constant(x)))
+    for request in ({"inputs": x.tolist()}, {"inputs": {"images": x.tolist()}}):
+        status, body = call(f"{url}:predict", request)
+        assert status == 200 and set(body) == {"outputs"}
+        out = body["outputs"]
+        np.testing.assert_allclose(out["probabilities"], want["probabilities"],
+                                   rtol=1e-6, atol=1e-7)
+        assert out["class_ids"] == want["class_ids"]
+        assert out["class_names"] == want["class_names"]
+
+
+def test_b64_png_and_jpeg_match_the_signatures(url, reference):
+    x = images(3, 2)
+    png = encode(x[0], "PNG")  # lossless at the model's size: Pillow decodes it
+    jpeg = encode(np.kron(x[1], np.ones((2, 2, 1), "uint8"))[:48, :40], "JPEG",
+                  quality=90)  # another size: resized in the graph
+    decoded = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    want_png = as_lists(reference["serving_default"](images=tf.constant(decoded[None])))
+    want_both = as_lists(
+        reference["serving_bytes"](image_bytes=tf.constant([png, jpeg])))
+    for instances in ([b64(png), b64(jpeg)],
+                      [{"image_bytes": b64(png)}, {"image_bytes": b64(jpeg)}]):
+        status, body = call(f"{url}:predict", {"signature_name": "serving_bytes",
+                                               "instances": instances})
+        assert status == 200
+        assert_rows_match(body["predictions"], want_both)
+        assert_rows_match(body["predictions"][:1], want_png)
+    status, body = call(f"{url}:predict", {"signature_name": "serving_bytes",
+                                           "inputs": {"image_bytes": [b64(jpeg)]}})
+    assert status == 200
+    assert body["outputs"]["class_names"] == want_both["class_names"][1:]
+
+
+# --- bad requests ---------------------------------------------------------------------
+
+def _png_header_only():
+    return encode(images(4, 1)[0], "PNG")[:120]  # a valid header, cut-off pixels
+
+
+BAD_REQUESTS = [
+    # (id, path suffix, method, body or raw bytes, status, words in the error)
+    ("malformed JSON", ":predict", "POST", b'{"instances": [1', 400, "not valid JSON"),
+    ("NaN", ":predict", "POST", b'{"instances": [NaN]}', 400, "NaN"),
+    ("not an object", ":predict", "POST", [1, 2], 400, "JSON object"),
+    ("missing keys", ":predict", "POST", {"signature_name": "serving_default"}, 400,
+     "'instances'"),
+    ("both formats", ":predict", "POST", {"instances": [], "inputs": []}, 400,
+     "not both"),
+    ("empty instances", ":predict", "POST", {"instances": []}, 400, "empty"),
+    ("instances not a list", ":predict", "POST", {"instances": 3}, 400, "list"),
+    ("wrong image size", ":predict", "POST",
+     {"instances": np.zeros((1, 28, 28, 3), int).tolist()}, 400, "[32, 32, 3]"),
+    ("ragged instances", ":predict", "POST",
+     {"instances": [np.zeros((32, 32, 3), int).tolist(), [[1, 2]]]}, 400,
+     "Instance 1"),
+    ("above 255", ":predict", "POST",
+     {"instances": np.full((1, 32, 32, 3), 300.5).tolist()}, 400, "0..255"),
+    ("negative", ":predict", "POST",
+     {"inputs": np.full((1, 32, 32, 3), -1).tolist()}, 400, "0..255"),
+    ("fraction", ":predict", "POST",
+     {"instances": np.full((1, 32, 32, 3), 12.5).tolist()}, 400, "12.5"),
+    ("strings as pixels", ":predict", "POST",
+     {"instances": np.full((1, 32, 32, 3), "a").tolist()}, 400, "numbers"),
+    ("wrong input name", ":predict", "POST",
+     {"instances": [{"pixels": np.zeros((32, 32, 3), int).tolist()}]}, 400, "images"),
+    ("non-image bytes", ":predict", "POST",
+     {"signature_name": "serving_bytes", "instances": [b64(b"hello, world")]}, 400,
+     "not a JPEG, PNG"),
+    ("truncated PNG", ":predict", "POST",
+     {"signature_name": "serving_bytes", "instances": [b64(_png_header_only())]},
+     400, "could not be decoded"),
+    ("bad base64", ":predict", "POST",
+     {"signature_name": "serving_bytes", "instances": [{"b64": "@@@"}]}, 400,
+     "base64"),
+    ("unknown signature", ":predict", "POST",
+     {"signature_name": "nope", "instances": [[0]]}, 400, "signature_name"),
+    ("unknown version", "/versions/7:predict", "POST", {"instances": [[0]]}, 404,
+     "no version 7"),
+    ("version not a number", "/versions/latest", "GET", None, 400, "not a number"),
+    ("unknown version status", "/versions/7", "GET", None, 404, "no version 7"),
+    ("GET on predict", ":predict", "GET", None, 405, "POST"),
+    ("unknown method", ":explain", "POST", {}, 404, ":explain"),
+    ("labels", "/labels/stable:predict", "POST", {}, 404, "labels"),
+    ("oversized body", ":predict", "POST", b" " * (MAX_BODY + 100_000), 413,
+     "--max-body-mb"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+def test_a_bad_request_gets_its_status_and_one_sentence(url, case):
+    _, suffix, method, body, status, words = case
+    raw = body if isinstance(body, bytes) else None
+    got, reply = call(f"{url}{suffix}", None if raw else body, method, raw=raw)
+    assert got == status, reply
+    assert set(reply) == {"error"} and words in reply["error"]
+    assert reply["error"].endswith(".") and "\n" not in reply["error"]
+
+
+def test_unknown_model_and_path_are_404_and_the_server_keeps_serving(url):
+    root = url.rsplit("/v1/", 1)[0]
+    status, reply = call(f"{root}/v1/models/other:predict", {"instances": [[0]]})
+    assert status == 404 and "'other'" in reply["error"]
+    status, reply = call(f"{root}/favicon.ico")
+    assert status == 404 and set(reply) == {"error"}
+    # After every bad request above, good ones still work.
+    status, body = call(f"{url}:predict", {"instances": images(5, 1).tolist()})
+    assert status == 200 and len(body["predictions"]) == 1
+    assert call(url)[0] == 200
+
+
+# --- concurrency ----------------------------------------------------------------------
+
+def test_sixteen_concurrent_clients_all_get_correct_answers(url, reference):
+    batches = [images(10 + i, 1 + (i % 3) * 4) for i in range(4)]
+    pngs = [encode(b[0], "PNG") for b in batches]
+    want = [as_lists(reference["serving_default"](images=tf.constant(b)))
+            for b in batches]
+
+    def client(i):
+        k = i % len(batches)
+        if i % 2:
+            status, body = call(f"{url}:predict", {"instances": batches[k].tolist()})
+            return status, body, want[k]
+        status, body = call(f"{url}:predict", {"signature_name": "serving_bytes",
+                                               "instances": [b64(pngs[k])]})
+        return status, body, {key: v[:1] for key, v in want[k].items()}
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(client, range(48)))
+    for status, body, expected in results:
+        assert status == 200, body
+        assert_rows_match(body["predictions"], expected)
+
+
+# --- versions -------------------------------------------------------------------------
+
+def test_a_new_version_is_served_without_a_restart(exported, tmp_path):
+    model, base = exported
+    pushed = tmp_path / NAME
+    shutil.copytree(base / "1", pushed / "1")
+    x = images(20, 2)
+    with running_server(pushed, poll_seconds=0.2) as url:
+        status, body = call(f"{url}:predict", {"instances": x.tolist()})
+        assert status == 200
+        assert body["predictions"][0]["class_names"].startswith("class")
+        # Version 2: other class names and another bias, so its outputs differ.
+        logits = model.get_layer("logits")
+        kernel, bias = logits.get_weights()
+        try:
+            logits.set_weights([kernel, bias + np.arange(10, dtype="float32")])
+            export_saved_model(model, pushed, [f"v2-{c}" for c in CLASSES])
+        finally:
+            logits.set_weights([kernel, bias])
+        want = as_lists(tf.saved_model.load(str(pushed / "2"))
+                        .signatures["serving_default"](images=tf.constant(x)))
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            states = {s["version"]: s["state"]
+                      for s in call(url)[1]["model_version_status"]}
+            if states.get("2") == "AVAILABLE":
+                break
+            time.sleep(0.2)
+        assert states == {"2": "AVAILABLE", "1": "END"}
+        status, body = call(f"{url}:predict", {"instances": x.tolist()})
+        assert status == 200
+        assert_rows_match(body["predictions"], want)
+        assert all(p["class_names"].startswith("v2-") for p in body["predictions"])
+        assert call(f"{url}/versions/2:predict", {"instances": x.tolist()})[0] == 200
+        status, reply = call(f"{url}/versions/1:predict", {"instances": x.tolist()})
+        assert status == 404 and "not loaded" in reply["error"]
+        assert call(f"{url}/metadata")[1]["model_spec"]["version"] == "2"
+
+
+def test_a_version_that_does_not_load_is_refused(tmp_path):
+    (tmp_path / "m" / "3").mkdir(parents=True)
+    (tmp_path / "m" / "3" / "saved_model.pb").write_bytes(b"not a SavedModel")
+    with pytest.raises(NoVersionError, match="No version under .* could be loaded "
+                                             r"\(version 3: "):
+        ModelRepository(tmp_path / "m").start()
+
+
+# --- the command line -----------------------------------------------------------------
+
+def _serve_cli(*args):
+    return [sys.executable, "-m", "stl10_keras.serve", *args]
+
+
+@pytest.mark.parametrize("layout", ["empty", "missing", "versions without a model"])
+def test_cli_refuses_to_start_without_a_valid_version(tmp_path, layout):
+    base = tmp_path / "m"
+    if layout != "missing":
+        base.mkdir()
+    if layout == "versions without a model":
+        (base / "1").mkdir()  # no saved_model.pb
+    proc = subprocess.run(_serve_cli("--model-base-path", str(base), "--port", "0"),
+                          cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert str(base) in lines[0] and "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+@pytest.mark.e2e
+def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
+    _, base = exported
+    proc = subprocess.Popen(
+        _serve_cli("--model-base-path", str(base), "--model-name", NAME, "--port", "0"),
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        # The "Serving ..." line comes once it listens (bounded wait).
+        assert select.select([proc.stdout], [], [], 180)[0], "no output in 180 s"
+        line = proc.stdout.readline()
+        assert line.startswith(f"Serving model '{NAME}' version 1"), line
+        url = line.split(" at ", 1)[1].split(";", 1)[0]
+        assert url.startswith("http://127.0.0.1:")
+        assert call(url)[0] == 200
+        status, body = call(f"{url}:predict", {"instances": images(30, 1).tolist()})
+        assert status == 200 and len(body["predictions"]) == 1
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Stopped." in stderr
