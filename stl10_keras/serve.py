@@ -745,8 +745,12 @@ class ModelServer:
         self._server = create_server(
             make_app(repository, max_body_bytes), host=host, port=port,
             threads=threads,
-            # waitress refuses a body >= this before reading it (then JSON 413).
-            max_request_body_size=max_body_bytes + 1,
+            # Bodies up to 4x the limit are read (past 512 KB into a temp file)
+            # and refused by Flask with a JSON 413: a client that sends its whole
+            # body before reading the answer (urllib, requests) then gets it.
+            # Larger ones waitress refuses from their headers, also as JSON, but
+            # it closes the connection while such a client may still be sending.
+            max_request_body_size=4 * max_body_bytes + 1,
             ident="stl10_keras.serve")
         self._server.channel_class = _json_error_channel(max_body_bytes)
         self._running = False

@@ -5,6 +5,7 @@ References are independent of the server: the exported signatures loaded with
 """
 
 import base64
+import http.client
 import io
 import json
 import select
@@ -282,6 +283,20 @@ def test_a_bad_request_gets_its_status_and_one_sentence(url, case):
     assert got == status, reply
     assert set(reply) == {"error"} and words in reply["error"]
     assert reply["error"].endswith(".") and "\n" not in reply["error"]
+
+
+def test_a_huge_content_length_is_refused_before_the_body_is_sent(url):
+    host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        connection.putrequest("POST", f"/v1/models/{NAME}:predict")
+        connection.putheader("Content-Length", str(10**9))
+        connection.endheaders()  # and no body: the answer comes from the headers
+        response = connection.getresponse()
+        assert response.status == 413
+        assert "--max-body-mb" in json.loads(response.read())["error"]
+    finally:
+        connection.close()
 
 
 def test_unknown_model_and_path_are_404_and_the_server_keeps_serving(url):
