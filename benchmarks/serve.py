@@ -39,29 +39,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_name
+
+from stl10_keras.data import digits_images
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or "unknown CPU"
-
-
-def digit_images(n: int) -> np.ndarray:
-    """`n` of scikit-learn's 8x8 digits, upsampled to 32x32x3 uint8."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits().images[:n]  # 0..16
-    big = np.kron(digits, np.ones((4, 4))) * (255.0 / 16.0)
-    return np.repeat(np.round(big).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def export_model(preset_name: str, folder: Path) -> Path:
@@ -182,11 +165,11 @@ def main() -> int:
             base, what = Path(args.model_base_path), args.model_base_path
         else:
             base, what = export_model(args.preset, Path(tmp)), f"{args.preset} preset"
-        images = digit_images(max(batches))
+        images = digits_images()[0][:max(batches)]
         proc, host, port = start_server(base, args.threads)
         try:
             load_before = os.getloadavg()[0]
-            print(f"# REST server benchmark, {datetime.date.today()}, {_cpu_name()}, "
+            print(f"# REST server benchmark, {datetime.date.today()}, {cpu_name()}, "
                   f"{os.cpu_count()} CPUs; digits model ({what}, 32x32x3), "
                   f"{args.clients} clients, {args.threads} server threads, "
                   f"{args.seconds:g} s per row\n", flush=True)
