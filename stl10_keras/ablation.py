@@ -464,9 +464,7 @@ def run_ablation(
                 if splits is None:
                     from stl10_keras import data as data_lib
 
-                    d = config.data
-                    splits = data_lib.load_splits(d.dataset, d.data_dir,
-                                                  d.val_per_class, seed, d.download)
+                    splits = data_lib.load_splits_for(config, seed)
                 import keras
 
                 from stl10_keras.train import train

@@ -187,6 +187,20 @@ class Config:
     def from_json(cls, text: str) -> "Config":
         return cls.from_dict(json.loads(text))
 
+    @classmethod
+    def from_file(cls, path) -> "Config":
+        """Read a `config.json`; any problem is a `ConfigError` naming the file."""
+        try:
+            text = open(path).read()
+        except OSError as e:
+            raise ConfigError(f"Cannot read {path} ({e.strerror}).") from None
+        try:
+            return cls.from_json(text)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"{path} is not a valid config.json ({e}).") from None
+
 
 _SECTIONS = {
     "data": DataConfig,

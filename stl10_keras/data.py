@@ -152,6 +152,18 @@ def load_splits(
     return _load_stl10_tfds(data_dir, val_per_class, seed, download)
 
 
+def load_splits_for(config, seed: int | None = None) -> Splits:
+    """`load_splits` with a run config's data settings and seed.
+
+    Args:
+        config: a `stl10_keras.config.Config`.
+        seed: the split's seed; None uses `config.train.seed`.
+    """
+    d = config.data
+    return load_splits(d.dataset, d.data_dir, d.val_per_class,
+                       config.train.seed if seed is None else seed, d.download)
+
+
 def _finish(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled, source,
             val_per_class, seed) -> Splits:
     train_idx, val_idx = stratified_split(y, val_per_class, seed)

@@ -558,17 +558,15 @@ def _read_run_config(run_dir: Path) -> Config:
             f"{TRAIN_HINT.format(run_dir=run_dir)}."
         )
     config_path = run_dir / "config.json"
-    try:
-        return Config.from_json(config_path.read_text())
-    except OSError:
+    if not config_path.is_file():
         raise EmbedError(
             f"{config_path} is missing; embed a run made by python -m "
             "stl10_keras.train (it writes config.json beside model.keras)."
-        ) from None
-    except ValueError as e:
-        if isinstance(e, ConfigError):
-            raise EmbedError(f"{config_path}: {e}") from None
-        raise EmbedError(f"{config_path} is not valid JSON ({e}).") from None
+        )
+    try:
+        return Config.from_file(config_path)
+    except ConfigError as e:
+        raise EmbedError(str(e)) from None
 
 
 def embed(
@@ -637,10 +635,7 @@ def embed(
 
     if splits is None:
         try:
-            splits = data_lib.load_splits(
-                config.data.dataset, config.data.data_dir, config.data.val_per_class,
-                config.train.seed, config.data.download,
-            )
+            splits = data_lib.load_splits_for(config)
         except data_lib.DataUnavailableError as e:
             raise EmbedError(str(e)) from None
     images, labels = {

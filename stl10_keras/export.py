@@ -40,24 +40,26 @@ IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
 MAX_IMAGE_PIXELS = 2**25
 
 
-def next_version(export_dir: str | os.PathLike) -> int:
-    """The next integer version under a TF Serving model base path (1 if none)."""
-    path = Path(export_dir)
-    versions = [int(p.name) for p in path.iterdir()
-                if p.is_dir() and p.name.isdigit()] if path.exists() else []
-    return max(versions, default=0) + 1
-
-
-def list_versions(export_dir: str | os.PathLike) -> list[int]:
-    """The versions under a model base path that hold a `saved_model.pb`, ascending.
-
-    Folders that are not integers (such as an export's temp folder) are skipped.
-    """
+def _version_dirs(export_dir: str | os.PathLike) -> list[Path]:
+    # Folders that are not integers (such as an export's temp folder) are skipped.
     path = Path(export_dir)
     if not path.is_dir():
         return []
-    return sorted(int(p.name) for p in path.iterdir()
-                  if p.name.isdigit() and (p / "saved_model.pb").is_file())
+    return [p for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
+
+
+def next_version(export_dir: str | os.PathLike) -> int:
+    """The next integer version under a TF Serving model base path (1 if none).
+
+    Counts every integer folder, loadable or not, so an export never reuses one.
+    """
+    return max((int(p.name) for p in _version_dirs(export_dir)), default=0) + 1
+
+
+def list_versions(export_dir: str | os.PathLike) -> list[int]:
+    """The versions under a model base path that hold a `saved_model.pb`, ascending."""
+    return sorted(int(p.name) for p in _version_dirs(export_dir)
+                  if (p / "saved_model.pb").is_file())
 
 
 def check_encoded_image(data: bytes) -> tuple[str, int, int]:

@@ -112,16 +112,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 def config_from_args(args: argparse.Namespace) -> Config:
     """Resolve preset (or --config file) + explicit flags into a validated Config."""
     if args.config:
-        try:
-            config = Config.from_json(Path(args.config).read_text())
-        except OSError as e:
-            raise ConfigError(f"Cannot read --config {args.config} ({e.strerror}).") \
-                from None
-        except ValueError as e:
-            if isinstance(e, ConfigError):
-                raise
-            raise ConfigError(f"--config {args.config} is not valid JSON ({e}).") \
-                from None
+        config = Config.from_file(args.config)
         if args.variant:
             config.variant = args.variant
             cfg.apply_variant(config)
@@ -334,10 +325,7 @@ def train(
 
     wall0 = time.perf_counter()
     if splits is None:
-        splits = data_lib.load_splits(
-            config.data.dataset, config.data.data_dir, config.data.val_per_class,
-            config.train.seed, config.data.download,
-        )
+        splits = data_lib.load_splits_for(config)
     t = config.train
     keras.utils.set_random_seed(t.seed)
     keras.mixed_precision.set_global_policy(
