@@ -448,6 +448,100 @@ def format_parts(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# --- a device trace (JAX) --------------------------------------------------------
+
+CATEGORIES = [  # kernel name patterns -> what they are; a heuristic, say so
+    ("host<->device copy", r"memcpy|MemcpyH2D|MemcpyD2H|h2d|d2h"),
+    ("conv / matmul", r"conv|cudnn|gemm|xmma|cutlass|wgmma|sm\d+_|dot"),
+    ("gather (RandomAffine's sampler)", r"gather"),
+    ("reduction (BN statistics, loss, metrics)", r"reduce"),
+    ("other fusions (elementwise: BN, ReLU, SGD)", r"fusion"),
+]
+
+
+def trace_steps(args, trace_dir: str) -> None:
+    """Trace `--steps` full steps (first batch size and precision) with jax.profiler."""
+    import jax
+
+    batch, precision = args.batch_list[0], args.precision_list[0]
+    rng = np.random.default_rng(0)
+    s = args.image_size
+    data = (to_device(rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8)),
+            to_device(rng.integers(0, 10, batch).astype("int32")))
+    model = build_keras_training_model(make_config(args.widths_tuple), s, precision,
+                                       args.steps_per_execution)
+    time_fit(model, *data, max(args.warmup, 1), 1, 1)  # compiled and warm
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+        time_fit(model, *data, 0, args.steps, 1)
+    print(f"trace of {args.steps} full steps, batch {batch}, {precision}: {trace_dir}")
+    print(format_trace(summarize_trace(trace_dir)))
+
+
+def summarize_trace(trace_dir: str, top: int = 25) -> dict:
+    """Time per kernel (device) or per XLA op (CPU threads) in a perfetto trace."""
+    import collections
+    import gzip
+    import re
+
+    files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
+    if not files:
+        return {"error": f"no perfetto_trace.json.gz under {trace_dir}"}
+    with gzip.open(files[-1], "rt") as f:
+        data = json.load(f)
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    processes, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            processes[e["pid"]] = e["args"]["name"]
+        if e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
+    devices = {pid for pid, name in processes.items() if name.startswith("/device:")}
+    # A GPU's "XLA Ops"/"XLA Modules" lines repeat its streams' kernels: count
+    # the streams only. On a CPU, ThunkExecutor events wrap the ops they run.
+    streams = {key for key, name in threads.items()
+               if key[0] in devices and name.startswith("Stream")}
+
+    def on_device(e) -> bool:
+        key = (e.get("pid"), e.get("tid"))
+        if devices:
+            return key in streams if streams else key[0] in devices
+        return (threads.get(key, "python") != "python"
+                and not e.get("name", "").startswith("ThunkExecutor"))
+
+    totals: dict[str, float] = collections.defaultdict(float)
+    counts: dict[str, int] = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and on_device(e):
+            totals[e["name"]] += float(e.get("dur", 0.0))
+            counts[e["name"]] += 1
+    whole = sum(totals.values()) or 1.0
+    by_category: dict[str, float] = collections.defaultdict(float)
+    for name, us in totals.items():
+        category = next((c for c, pattern in CATEGORIES
+                         if re.search(pattern, name, re.IGNORECASE)), "other")
+        by_category[category] += us
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return {"file": str(files[-1]), "where": sorted(processes[p] for p in devices)
+            or ["host threads other than python"], "total_ms": whole / 1e3,
+            "categories": [{"category": c, "ms": us / 1e3, "share": us / whole}
+                           for c, us in sorted(by_category.items(), key=lambda kv: -kv[1])],
+            "top": [{"name": n, "ms": us / 1e3, "count": counts[n], "share": us / whole}
+                    for n, us in ranked]}
+
+
+def format_trace(summary: dict) -> str:
+    if "error" in summary:
+        return summary["error"]
+    lines = [f"busy time on {', '.join(summary['where'])}: {summary['total_ms']:.1f} ms",
+             "| category (by kernel name; heuristic) | ms | share |", "|---|---:|---:|"]
+    lines += [f"| {c['category']} | {c['ms']:.2f} | {c['share']:.1%} |"
+              for c in summary["categories"]]
+    lines += ["", "| kernel / op | calls | ms | share |", "|---|---:|---:|---:|"]
+    lines += [f"| `{t['name'][:90]}` | {t['count']} | {t['ms']:.2f} | {t['share']:.1%} |"
+              for t in summary["top"]]
+    return "\n".join(lines)
+
+
 # --- main -------------------------------------------------------------------------
 
 def accelerator() -> str:
@@ -510,6 +604,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-keras", action="store_true", help="skip the Keras rows")
     p.add_argument("--profile-parts", action="store_true",
                    help="time the step's parts instead of the throughput table")
+    p.add_argument("--trace", metavar="DIR",
+                   help="JAX: after the table, trace --steps full steps (first batch "
+                        "size and precision) into DIR and print where the time goes")
     p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     p.add_argument("--quick", action="store_true",
                    help="tiny run: widths 8,16,16,32,32, 32x32, batches 4,8, 2 steps")
@@ -593,6 +690,15 @@ def main(argv: list[str] | None = None) -> dict:
         add_ratios(rows)
         print(format_table(rows))
     result["rows"], result["parts"] = rows, parts
+    if args.trace:
+        if keras.backend.backend() == "jax":
+            try:
+                trace_steps(args, args.trace)
+                result["trace"] = summarize_trace(args.trace)
+            finally:
+                keras.mixed_precision.set_global_policy("float32")
+        else:
+            print("--trace: skipped, it needs KERAS_BACKEND=jax")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))

@@ -114,3 +114,33 @@ def test_no_tensorflow_under_jax():
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NO_TENSORFLOW" in proc.stdout
     assert "| keras | jax fit" in proc.stdout
+
+
+def test_trace_summary_counts_gpu_streams_once(tmp_path):
+    import gzip
+    import json
+
+    bench = _script()
+    events = [
+        {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
+        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name",
+         "args": {"name": "Stream #13(Compute)"}},
+        {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "sm90_xmma_fprop_conv", "dur": 30.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "loop_gather_fusion", "dur": 10.0},
+        {"ph": "X", "pid": 2, "tid": 7, "name": "MemcpyH2D", "dur": 10.0},
+        {"ph": "X", "pid": 2, "tid": 8, "name": "convolution.3", "dur": 30.0},  # repeat
+        {"ph": "X", "pid": 1, "tid": 3, "name": "PjitFunction", "dur": 500.0},  # host
+    ]
+    folder = tmp_path / "plugins" / "profile" / "run"
+    folder.mkdir(parents=True)
+    with gzip.open(folder / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+
+    summary = bench.summarize_trace(str(tmp_path))
+    assert summary["total_ms"] == pytest.approx(0.05)
+    shares = {c["category"]: c["share"] for c in summary["categories"]}
+    assert shares == pytest.approx({"conv / matmul": 0.6, "host<->device copy": 0.2,
+                                    "gather (RandomAffine's sampler)": 0.2})
+    assert "| conv / matmul | 0.03 | 60.0% |" in bench.format_trace(summary)
