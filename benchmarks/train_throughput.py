@@ -18,8 +18,10 @@ input pipeline is timed. Rows, in one run:
            reason, when torch is not importable.
 
 Each row: `--warmup` steps (compilation), then `--rounds` timed rounds of
-`--steps` steps; the median round is reported, with the ratio to PyTorch eager
-at the same batch size, precision and augmentation.
+`--steps` steps, the rounds alternating between the rows of one batch size and
+precision (so a change of load on a shared machine hits them alike); the
+median round is reported, with the ratio to PyTorch eager at the same batch
+size, precision and augmentation.
 
 `--profile-parts` times the parts of the step instead (where the time goes):
 host->device transfer of a uint8 batch, `RandomAffine` alone (compiled as the
@@ -183,26 +185,39 @@ class _EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def time_fit(model: keras.Model, images, labels, warmup: int, steps: int,
-             rounds: int) -> list[float]:
-    """Seconds per round of `steps` training steps, run by `model.fit`."""
-    if warmup:
-        model.fit(repeated_batches(images, labels), steps_per_epoch=warmup,
-                  epochs=1, verbose=0, shuffle=False)
+def fit_round(model: keras.Model, images, labels, steps: int) -> float:
+    """Seconds of `steps` training steps run by `model.fit` (fit's setup excluded)."""
     timer = _EpochTimer()
-    model.fit(repeated_batches(images, labels), steps_per_epoch=steps,
-              epochs=rounds, verbose=0, callbacks=[timer], shuffle=False)
-    return timer.seconds
+    model.fit(repeated_batches(images, labels), steps_per_epoch=steps, epochs=1,
+              verbose=0, callbacks=[timer], shuffle=False)
+    return timer.seconds[0]
 
 
-def keras_rows(args, batch: int, precision: str, augment: bool, data) -> dict:
-    config = make_config(args.widths_tuple, augment=augment)
+def keras_runner(config: Config, args, precision: str, data,
+                 no_batch_norm: bool = False) -> Callable[[], float]:
+    """Build and warm up (compile) the training model; return one timed round."""
     model = build_keras_training_model(config, args.image_size, precision,
-                                       args.steps_per_execution)
-    seconds = time_fit(model, *data, args.warmup, args.steps, args.rounds)
-    mode = f"{keras.backend.backend()} fit, jit_compile={_jit_compile()}"
-    return _row("keras", mode, batch, precision, augment,
-                seconds, args.steps)
+                                       args.steps_per_execution, no_batch_norm)
+    if args.warmup:
+        fit_round(model, *data, args.warmup)
+    return lambda: fit_round(model, *data, args.steps)
+
+
+def keras_mode() -> str:
+    return f"{keras.backend.backend()} fit, jit_compile={_jit_compile()}"
+
+
+def interleave(runners: dict, rounds: int) -> dict:
+    """Seconds of each runner's rounds; rounds alternate between the runners.
+
+    On a shared machine a change of load then hits every row alike. A runner
+    that is a string (why it could not run) is left out.
+    """
+    seconds = {key: [] for key, runner in runners.items() if callable(runner)}
+    for _ in range(rounds):
+        for key in seconds:
+            seconds[key].append(runners[key]())
+    return seconds
 
 
 # --- the PyTorch peer -------------------------------------------------------------
@@ -268,9 +283,9 @@ def torch_random_affine(images, flip: bool = True, max_rotation_deg: float = 15.
                          align_corners=False)
 
 
-def torch_row(torch, args, batch: int, precision: str, augment: bool, mode: str,
-              images_np: np.ndarray, labels_np: np.ndarray) -> dict:
-    """Time the PyTorch training step; a failure becomes the row's reason."""
+def torch_runner(torch, args, precision: str, augment: bool, mode: str,
+                 images_np: np.ndarray, labels_np: np.ndarray) -> Callable[[], float] | str:
+    """Set up and warm up the PyTorch step; return one timed round, or why it failed."""
     import torch.nn.functional as F
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -314,10 +329,8 @@ def torch_row(torch, args, batch: int, precision: str, augment: bool, mode: str,
         run(max(args.warmup, 2) if mode == "compile" else args.warmup)
     except Exception as err:  # noqa: BLE001 - e.g. no C++ compiler for compile
         reason = f"failed: {type(err).__name__}: {str(err).strip().splitlines()[0]}"
-        return _row("torch", mode, batch, precision, augment, None, args.steps,
-                    reason=reason[:200])
-    seconds = [run(args.steps) for _ in range(args.rounds)]
-    return _row("torch", mode, batch, precision, augment, seconds, args.steps)
+        return reason[:200]
+    return lambda: run(args.steps)
 
 
 # --- rows and tables --------------------------------------------------------------
@@ -361,19 +374,20 @@ def format_table(rows: list[dict]) -> str:
 
 # --- where the time goes ----------------------------------------------------------
 
-def time_calls(fn: Callable[[], Any], warmup: int, steps: int, rounds: int
-               ) -> list[float]:
-    """Seconds per round of `steps` calls of `fn`, each round's last result waited for."""
+def calls_runner(fn: Callable[[], Any], warmup: int, steps: int
+                 ) -> Callable[[], float]:
+    """Warm `fn` up; return one timed round of `steps` calls, the last one waited for."""
     for _ in range(warmup):
         wait_for(fn())
-    seconds = []
-    for _ in range(rounds):
+
+    def round_() -> float:
         start = time.perf_counter()
         for _ in range(steps):
             out = fn()
         wait_for(out)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        return time.perf_counter() - start
+
+    return round_
 
 
 def augmentation_call(layer, images) -> Callable[[], Any]:
@@ -406,22 +420,15 @@ def augmentation_call(layer, images) -> Callable[[], Any]:
 
 def profile_parts(args, batch: int, precision: str, images_np, labels_np) -> list[dict]:
     """The step's parts at one batch size and precision (`--profile-parts`)."""
-    rows = []
-    w, s, r = args.warmup, args.steps, args.rounds
-
-    def add(part: str, seconds: list[float]) -> None:
-        step = statistics.median(seconds) / s
-        rows.append({"part": part, "batch": batch, "precision": precision,
-                     "ms": step * 1e3, "images_per_sec": batch / step,
-                     "round_seconds": seconds})
-
-    add("host->device copy of the uint8 batch",
-        time_calls(lambda: to_device(images_np), w, s, r))
+    w, s = args.warmup, args.steps
+    runners: dict[str, Callable[[], float]] = {}
+    runners["host->device copy of the uint8 batch"] = calls_runner(
+        lambda: to_device(images_np), w, s)
     data = (to_device(images_np), to_device(labels_np))
     keras.mixed_precision.set_global_policy(precision)
     layer = random_affine_from_config(make_config(args.widths_tuple).augment, seed=0)
-    add("RandomAffine alone (forward, compiled)",
-        time_calls(augmentation_call(layer, data[0]), w, s, r))
+    runners["RandomAffine alone (forward, compiled)"] = calls_runner(
+        augmentation_call(layer, data[0]), w, s)
     variants = [
         ("train step, full: RandomAffine + ManualBatchNorm", "manual", True, False),
         ("train step, plain model, ManualBatchNorm", "manual", False, False),
@@ -430,9 +437,13 @@ def profile_parts(args, batch: int, precision: str, images_np, labels_np) -> lis
     ]
     for part, bn, augment, no_bn in variants:
         config = make_config(args.widths_tuple, batch_norm=bn, augment=augment)
-        model = build_keras_training_model(config, args.image_size, precision,
-                                           args.steps_per_execution, no_bn)
-        add(part, time_fit(model, *data, w, s, r))
+        runners[part] = keras_runner(config, args, precision, data, no_bn)
+    rows = []
+    for part, seconds in interleave(runners, args.rounds).items():
+        step = statistics.median(seconds) / s
+        rows.append({"part": part, "batch": batch, "precision": precision,
+                     "ms": step * 1e3, "images_per_sec": batch / step,
+                     "round_seconds": seconds})
     full = rows[2]["ms"]
     for row in rows:
         row["share_of_full_step"] = row["ms"] / full
@@ -470,9 +481,9 @@ def trace_steps(args, trace_dir: str) -> None:
             to_device(rng.integers(0, 10, batch).astype("int32")))
     model = build_keras_training_model(make_config(args.widths_tuple), s, precision,
                                        args.steps_per_execution)
-    time_fit(model, *data, max(args.warmup, 1), 1, 1)  # compiled and warm
+    fit_round(model, *data, max(args.warmup, 1))  # compiled and warm
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
-        time_fit(model, *data, 0, args.steps, 1)
+        fit_round(model, *data, args.steps)
     print(f"trace of {args.steps} full steps, batch {batch}, {precision}: {trace_dir}")
     print(format_trace(summarize_trace(trace_dir)))
 
@@ -505,8 +516,9 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict:
         key = (e.get("pid"), e.get("tid"))
         if devices:
             return key in streams if streams else key[0] in devices
+        name = e.get("name", "")  # "$file:line fn": Python, on any thread
         return (threads.get(key, "python") != "python"
-                and not e.get("name", "").startswith("ThunkExecutor"))
+                and not name.startswith(("$", "ThunkExecutor")))
 
     totals: dict[str, float] = collections.defaultdict(float)
     counts: dict[str, int] = collections.Counter()
@@ -645,7 +657,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{started:%Y-%m-%d %H:%M} UTC; {cpu_name()}, {os.cpu_count()} CPUs; "
         f"accelerator: {accelerator()}; {versions(torch)}; synthetic uint8 "
         f"{s}x{s}x3 on the device, widths {args.widths}; median of {args.rounds} "
-        f"rounds of {args.steps} steps after {args.warmup} warm-up; "
+        f"interleaved rounds of {args.steps} steps after {args.warmup} warm-up; "
         f"load average {_load()} at start"
     )
     print(header, flush=True)
@@ -663,24 +675,30 @@ def main(argv: list[str] | None = None) -> dict:
             labels_np = rng.integers(0, 10, batch).astype("int32")
             for precision in args.precision_list:
                 if args.profile_parts:
-                    parts += profile_parts(args, batch, precision, images_np, labels_np)
-                    print(format_parts(parts[-6:]), flush=True)
+                    new = profile_parts(args, batch, precision, images_np, labels_np)
+                    parts += new  # progress, one line a part
+                    print("\n".join(format_parts(new).splitlines()[2:]), flush=True)
                     continue
                 data = (to_device(images_np), to_device(labels_np))
+                runners: dict[tuple, Any] = {}
                 for augment in args.augment_list:
-                    new = []
                     if not args.no_keras:
-                        new.append(keras_rows(args, batch, precision, augment, data))
+                        config = make_config(args.widths_tuple, augment=augment)
+                        runners["keras", keras_mode(), augment] = keras_runner(
+                            config, args, precision, data)
                     if torch is None and args.torch_mode_list:
-                        new.append(_row("torch", "-", batch, precision, augment,
-                                        None, args.steps, reason=torch_reason))
-                    elif torch is not None:
-                        new += [torch_row(torch, args, batch, precision, augment, mode,
-                                          images_np, labels_np)
-                                for mode in args.torch_mode_list]
-                    rows += new
-                    if new:  # progress, one line a row
-                        print("\n".join(format_table(new).splitlines()[2:]), flush=True)
+                        runners["torch", "-", augment] = torch_reason
+                    for mode in args.torch_mode_list if torch is not None else ():
+                        runners["torch", mode, augment] = torch_runner(
+                            torch, args, precision, augment, mode, images_np, labels_np)
+                seconds = interleave(runners, args.rounds)
+                new = [_row(framework, mode, batch, precision, augment,
+                            seconds.get((framework, mode, augment)), args.steps,
+                            reason=runner if isinstance(runner, str) else None)
+                       for (framework, mode, augment), runner in runners.items()]
+                rows += new
+                if new:  # progress, one line a row
+                    print("\n".join(format_table(new).splitlines()[2:]), flush=True)
     finally:
         keras.mixed_precision.set_global_policy("float32")
     print(f"load average {_load()} at end")
