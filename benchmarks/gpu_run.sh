@@ -23,7 +23,8 @@ export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 # JAX takes 75% of the GPU's memory at start by default; leave room for PyTorch.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45
 # GPU_RUN_ARGS: extra options, e.g. "--quick" for a smoke run on a CPU.
-BENCH="python3 benchmarks/train_throughput.py --steps 50 --rounds 5 --warmup 5 ${GPU_RUN_ARGS:-}"
+BENCH="python3 benchmarks/train_throughput.py --steps 50 --rounds 5 --warmup 5"
+BENCH="$BENCH ${GPU_RUN_ARGS:-}"
 
 phase() {  # phase SECONDS COMMAND...: run with a limit, log, go on whatever happens
   local limit=$1

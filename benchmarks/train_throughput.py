@@ -284,7 +284,8 @@ def torch_random_affine(images, flip: bool = True, max_rotation_deg: float = 15.
 
 
 def torch_runner(torch, args, precision: str, augment: bool, mode: str,
-                 images_np: np.ndarray, labels_np: np.ndarray) -> Callable[[], float] | str:
+                 images_np: np.ndarray, labels_np: np.ndarray
+                 ) -> Callable[[], float] | str:
     """Set up and warm up the PyTorch step; return one timed round, or why it failed."""
     import torch.nn.functional as F
 
@@ -368,7 +369,8 @@ def format_table(rows: list[dict]) -> str:
             lines.append(f"{head} {r['skipped']} | | |")
             continue
         ratio = f"{r['vs_torch_eager']:.2f}x" if "vs_torch_eager" in r else "-"
-        lines.append(f"{head} {r['step_ms']:.1f} | {r['images_per_sec']:.0f} | {ratio} |")
+        lines.append(
+            f"{head} {r['step_ms']:.1f} | {r['images_per_sec']:.0f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -376,7 +378,7 @@ def format_table(rows: list[dict]) -> str:
 
 def calls_runner(fn: Callable[[], Any], warmup: int, steps: int
                  ) -> Callable[[], float]:
-    """Warm `fn` up; return one timed round of `steps` calls, the last one waited for."""
+    """Warm `fn` up; return one timed round of `steps` calls (the last waited for)."""
     for _ in range(warmup):
         wait_for(fn())
 
@@ -536,7 +538,8 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict:
     return {"file": str(files[-1]), "where": sorted(processes[p] for p in devices)
             or ["host threads other than python"], "total_ms": whole / 1e3,
             "categories": [{"category": c, "ms": us / 1e3, "share": us / whole}
-                           for c, us in sorted(by_category.items(), key=lambda kv: -kv[1])],
+                           for c, us in sorted(by_category.items(),
+                                               key=lambda kv: -kv[1])],
             "top": [{"name": n, "ms": us / 1e3, "count": counts[n], "share": us / whole}
                     for n, us in ranked]}
 
@@ -544,12 +547,14 @@ def summarize_trace(trace_dir: str, top: int = 25) -> dict:
 def format_trace(summary: dict) -> str:
     if "error" in summary:
         return summary["error"]
-    lines = [f"busy time on {', '.join(summary['where'])}: {summary['total_ms']:.1f} ms",
+    where = ", ".join(summary["where"])
+    lines = [f"busy time on {where}: {summary['total_ms']:.1f} ms",
              "| category (by kernel name; heuristic) | ms | share |", "|---|---:|---:|"]
     lines += [f"| {c['category']} | {c['ms']:.2f} | {c['share']:.1%} |"
               for c in summary["categories"]]
     lines += ["", "| kernel / op | calls | ms | share |", "|---|---:|---:|---:|"]
-    lines += [f"| `{t['name'][:90]}` | {t['count']} | {t['ms']:.2f} | {t['share']:.1%} |"
+    lines += [f"| `{t['name'][:90]}` | {t['count']} | {t['ms']:.2f} "
+              f"| {t['share']:.1%} |"
               for t in summary["top"]]
     return "\n".join(lines)
 
@@ -633,7 +638,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError:
         p.error("--widths and --batch-sizes take integers separated by commas.")
     args.precision_list = args.precisions.split(",")
-    args.augment_list = [{"on": True, "off": False}.get(v) for v in args.augment.split(",")]
+    args.augment_list = [{"on": True, "off": False}.get(v)
+                         for v in args.augment.split(",")]
     args.torch_mode_list = [] if args.no_torch else args.torch_modes.split(",")
     if any(v not in PRECISIONS for v in args.precision_list):
         p.error(f"--precisions takes {', '.join(PRECISIONS)}.")

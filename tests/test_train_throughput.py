@@ -1,4 +1,4 @@
-"""benchmarks/train_throughput.py: a tiny run's table, the PyTorch peer, no TF under JAX."""
+"""benchmarks/train_throughput.py: a tiny run, the PyTorch peer, no TF under JAX."""
 
 import importlib.util
 import math
@@ -46,7 +46,8 @@ def test_tiny_run_prints_every_row_with_positive_rates(capsys, tmp_path):
     torch_rows = [r for r in rows if r["framework"] == "torch"]
     assert len(torch_rows) == 2
     for r in torch_rows:  # measured, or skipped with the reason
-        assert "images_per_sec" in r or r["skipped"].startswith(("skipped: ", "failed: "))
+        assert "images_per_sec" in r or r["skipped"].startswith(
+            ("skipped: ", "failed: "))
     for r in keras_rows + [r for r in torch_rows if "images_per_sec" in r]:
         assert math.isfinite(r["images_per_sec"]) and r["images_per_sec"] > 0
     assert out.count("| keras | ") >= 2 and out.count("| torch | ") >= 2
@@ -103,7 +104,7 @@ def test_no_tensorflow_under_jax():
     pytest.importorskip("jax", reason="jax is not installed")
     code = (
         "import runpy, sys\n"
-        f"sys.argv = ['train_throughput.py'] + {TINY + ['--augment', 'on', '--no-torch']!r}\n"
+        f"sys.argv = ['x'] + {TINY + ['--augment', 'on', '--no-torch']!r}\n"
         f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')\n"
         "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n"
         "print('NO_TENSORFLOW')\n"
@@ -123,10 +124,12 @@ def test_trace_summary_counts_gpu_streams_once(tmp_path):
     bench = _script()
     events = [
         {"ph": "M", "pid": 1, "name": "process_name", "args": {"name": "/host:CPU"}},
-        {"ph": "M", "pid": 2, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+        {"ph": "M", "pid": 2, "name": "process_name",
+         "args": {"name": "/device:GPU:0"}},
         {"ph": "M", "pid": 2, "tid": 7, "name": "thread_name",
          "args": {"name": "Stream #13(Compute)"}},
-        {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name", "args": {"name": "XLA Ops"}},
+        {"ph": "M", "pid": 2, "tid": 8, "name": "thread_name",
+         "args": {"name": "XLA Ops"}},
         {"ph": "X", "pid": 2, "tid": 7, "name": "sm90_xmma_fprop_conv", "dur": 30.0},
         {"ph": "X", "pid": 2, "tid": 7, "name": "loop_gather_fusion", "dur": 10.0},
         {"ph": "X", "pid": 2, "tid": 7, "name": "MemcpyH2D", "dur": 10.0},
