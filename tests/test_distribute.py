@@ -32,12 +32,20 @@ TINY = ["--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
         "--widths", "4,4", "--fc-units", "16", "--dropout", "0",
         "--learning-rate", "0.05", "--batch-size", "40", "--epochs", "1",
         "--no-export", "--verbose", "0"]
-
-
-def _run(script, timeout=300, **env):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], cwd=ROOT,
-                          env=subprocess_env(**env), capture_output=True, text=True,
-                          timeout=timeout)
+# XLA's CPU compiler spends most of a tiny JAX run optimising (here 12 s of
+# 17 s before the first step, mostly compiling the random initialisers);
+# unoptimised code computes the same values, and every run compared shares it.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# TensorFlow made unimportable, as on a JAX-only install (a finder, not
+# sys.modules["tensorflow"] = None: keras treats a key there as TF loaded).
+NO_TENSORFLOW = """
+import importlib.abc, sys
+class _NoTensorFlow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "tensorflow":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+sys.meta_path.insert(0, _NoTensorFlow())
+"""
 
 
 def metrics_of(run_dir):
@@ -172,7 +180,8 @@ _COMPARE = """
                                               verbose=0, splits=splits,
                                               distribution=d)["history"]]
               for name, d in runs.items()}
-    print(json.dumps({"losses": losses, "replicas": dist.replicas}))
+    print(json.dumps({"losses": losses, "replicas": dist.replicas,
+                      "tensorflow_imported": "tensorflow" in sys.modules}))
 """
 
 
@@ -199,15 +208,18 @@ def test_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
 
 @needs_jax
 def test_jax_data_parallel_over_two_host_devices_matches_one_device(tmp_path):
+    # Without TensorFlow (a JAX-only install): the batches come from numpy.
+    # The two-process test below feeds tf.data.
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(_COMPARE), str(tmp_path),
-         "data-parallel", "", *TINY, "--epochs", "2"], cwd=ROOT,
-        env=subprocess_env(KERAS_BACKEND="jax",
-                           XLA_FLAGS="--xla_force_host_platform_device_count=2"),
+        [sys.executable, "-c", NO_TENSORFLOW + textwrap.dedent(_COMPARE),
+         str(tmp_path), "data-parallel", "", *TINY, "--epochs", "2"], cwd=ROOT,
+        env=subprocess_env(KERAS_BACKEND="jax", XLA_FLAGS=(
+            f"--xla_force_host_platform_device_count=2 {FAST_XLA}")),
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["replicas"] == 2  # every host device, by default
+    assert result["tensorflow_imported"] is False
     one, parallel = result["losses"]["one"], result["losses"]["data-parallel"]
     # One program over the global batch (XLA all-reduces, also the batch-norm
     # statistics): the same as one device up to the order of float sums.
@@ -233,7 +245,8 @@ def test_two_process_jax_run_on_loopback(tmp_path):
         [sys.executable, "-m", "stl10_keras.train", *TINY, "--run-dir", str(run),
          "--distribution", "data-parallel", "--coordinator-address", address,
          "--num-processes", "2", "--process-id", str(i)],
-        cwd=ROOT, env=subprocess_env(KERAS_BACKEND="jax"), stdout=subprocess.PIPE,
+        cwd=ROOT, env=subprocess_env(KERAS_BACKEND="jax", XLA_FLAGS=FAST_XLA),
+        stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
         outputs = [p.communicate(timeout=300) for p in procs]
@@ -253,27 +266,20 @@ def test_two_process_jax_run_on_loopback(tmp_path):
     assert "process 1 of 2 done" in outputs[1][0]
 
 
-@needs_jax
-def test_jax_without_tensorflow_trains_from_numpy_batches(tmp_path):
-    # TensorFlow made unimportable, as on a JAX-only install.
-    proc = _run(f"""
-        import sys
-        sys.modules["tensorflow"] = None
-        from stl10_keras.train import main
-        code = main({[*TINY, "--run-dir", str(tmp_path / "run"),
-                      "--distribution", "data-parallel", "--devices", "cpu:0,cpu:1"]!r})
-        assert "tensorflow" not in [m for m in sys.modules if sys.modules[m]], "tf"
-        sys.exit(code)
-    """, KERAS_BACKEND="jax")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    m = metrics_of(tmp_path / "run")
-    assert m["replicas"] == 2 and np.isfinite(m["history"][0]["loss"])
-    assert (tmp_path / "run" / "model.keras").exists()
-    # Exporting needs TensorFlow: refused up front, in one sentence.
-    refused = _run(f"""
-        import sys
-        sys.modules["tensorflow"] = None
-        from stl10_keras.train import main
-        sys.exit(main({[*TINY[:-3], "--run-dir", str(tmp_path / "run2")]!r}))
-    """, KERAS_BACKEND="jax")
-    assert refused.returncode == 2 and "--no-export" in refused.stderr
+@pytest.mark.parametrize("flags, needle", [
+    ([], "--no-export"),
+    (["--no-export", "--variant", "augment", "--augment-on", "cpu"],
+     "--augment-on device"),
+])
+def test_without_tensorflow_what_needs_it_is_refused_up_front(flags, needle,
+                                                              monkeypatch, tmp_path):
+    from stl10_keras import data
+    from stl10_keras.train import build_parser, config_from_args, train
+
+    monkeypatch.setattr(data, "tensorflow_available", lambda: False)
+    args = build_parser().parse_args(["--dataset", "digits", "--preset", "smoke",
+                                      *flags])
+    export_dir = None if args.no_export else tmp_path / "export"
+    with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
+        train(config_from_args(args), tmp_path / "run", export_dir)
+    assert not (tmp_path / "run").exists()
