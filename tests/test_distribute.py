@@ -239,10 +239,12 @@ def _free_port():
 @needs_jax
 @pytest.mark.e2e
 def test_two_process_jax_run_on_loopback(tmp_path):
-    run = tmp_path / "run"
+    run, export = tmp_path / "run", tmp_path / "export"
     address = f"127.0.0.1:{_free_port()}"
+    flags = [f for f in TINY if f != "--no-export"]
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "stl10_keras.train", *TINY, "--run-dir", str(run),
+        [sys.executable, "-m", "stl10_keras.train", *flags, "--run-dir", str(run),
+         "--export-dir", str(export),
          "--distribution", "data-parallel", "--coordinator-address", address,
          "--num-processes", "2", "--process-id", str(i)],
         cwd=ROOT, env=subprocess_env(KERAS_BACKEND="jax", XLA_FLAGS=FAST_XLA),
@@ -264,6 +266,20 @@ def test_two_process_jax_run_on_loopback(tmp_path):
     assert not (run / "process_1" / "model.keras").exists()
     assert _losses(run / "process_1") == _losses(run)
     assert "process 1 of 2 done" in outputs[1][0]
+    # Process 0 exported once; the SavedModel (written by a TensorFlow-backend
+    # subprocess from model.keras) gives the JAX-trained model's probabilities.
+    assert sorted(p.name for p in export.iterdir()) == ["1"]
+    import tensorflow as tf
+
+    from stl10_keras.data import load_splits
+    from stl10_keras.model import load_model
+
+    x = load_splits("digits", seed=0).x_val[:64]
+    served = tf.saved_model.load(str(export / "1")).signatures["serving_default"]
+    probabilities = served(images=tf.constant(x))["probabilities"].numpy()
+    logits = load_model(run / "model.keras").predict(x.astype("float32"), verbose=0)
+    np.testing.assert_allclose(probabilities, tf.nn.softmax(logits).numpy(),
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("flags, needle", [
