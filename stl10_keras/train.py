@@ -389,32 +389,28 @@ def train(
     resuming = backup_dir.exists() and any(backup_dir.iterdir())
     history_path = run_dir / "history.csv"
     throughput = _Throughput(t.batch_size)
+    augmentation = None
+    map_fn = None
+    if config.augment.enabled and config.augment.on == "cpu":
+        import tensorflow as tf
+
+        # A tf.data map, not part of the model: built outside any strategy
+        # scope, whose variables would live on the replicas' devices.
+        layer = _augmentation_layer(config, splits, run_dir)
+
+        # Compiled with XLA: 3-5x faster than a plain map (benchmarks/augment.py).
+        @tf.function(jit_compile=True)
+        def map_fn(images, labels):
+            return layer(images, training=True), labels
+
     # Everything that creates or updates weights runs inside the strategy or
     # distribution scope (a no-op without --distribution).
     with dist.scope():
         model = build_model(config, splits.image_shape)
         kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming)
         dist.sync_weights(model)
-
-        augmentation = None
-        map_fn = None
-        if config.augment.enabled:
-            from stl10_keras.augment import random_affine_from_config
-
-            augmentation = random_affine_from_config(config.augment, seed=t.seed)
-            _augmentation_figure(augmentation, splits.x_train, run_dir)
-            if config.augment.on == "cpu":
-                import tensorflow as tf
-
-                layer = augmentation
-
-                # Compiled with XLA: 3-5x faster than a plain map
-                # (benchmarks/augment.py).
-                @tf.function(jit_compile=True)
-                def map_fn(images, labels):
-                    return layer(images, training=True), labels
-
-                augmentation = None
+        if config.augment.enabled and config.augment.on == "device":
+            augmentation = _augmentation_layer(config, splits, run_dir)
         training_model = build_training_model(model, augmentation)
         training_model.compile(
             optimizer=_optimizer(t),
@@ -425,9 +421,11 @@ def train(
         train_ds = dist.shard_batches(data_lib.make_batches(
             splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
             shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
-        ))
-        val_ds = dist.shard_batches(data_lib.make_batches(
-            splits.x_val, splits.y_val, 256 // dist.replicas * dist.replicas))
+        ), len(splits.y_train), t.batch_size)
+        val_batch = 256 // dist.replicas * dist.replicas
+        val_ds = dist.shard_batches(
+            data_lib.make_batches(splits.x_val, splits.y_val, val_batch),
+            len(splits.y_val), val_batch)
         callbacks = [
             keras.callbacks.TerminateOnNaN(),
             throughput.callback,
@@ -563,6 +561,15 @@ def _centroids_figure(result: dict, config, run_dir: Path) -> None:
         str(run_dir / "figures" / f"kmeans_centroids_{k}x{k}.png"),
     )
     log_image(run_dir / "logs", f"figure1_kmeans_centroids_{k}x{k}", image)
+
+
+def _augmentation_layer(config: Config, splits, run_dir: Path):
+    """The run's `RandomAffine` (seeded from the config), after drawing Figure 3."""
+    from stl10_keras.augment import random_affine_from_config
+
+    layer = random_affine_from_config(config.augment, seed=config.train.seed)
+    _augmentation_figure(layer, splits.x_train, run_dir)
+    return layer
 
 
 def _augmentation_figure(layer, images, run_dir: Path) -> None:
