@@ -247,7 +247,8 @@ class Distributed:
         return {"distribution": self.mode, "replicas": self.replicas,
                 "processes": self.processes, "devices": list(self.devices)}
 
-    def shard_batches(self, batches):
+    def shard_batches(self, batches, num_examples: int | None = None,
+                      batch_size: int | None = None):
         """This process's part of each global batch, split evenly over replicas.
 
         Under `data-parallel` every device must get the same number of images
@@ -263,6 +264,9 @@ class Distributed:
         Args:
             batches: a `tf.data.Dataset` or a `keras.utils.PyDataset` of
                 `(images, labels)` global batches.
+            num_examples, batch_size: what `batches` was made from. With them
+                a tf.data pipeline keeps a known length (keras then shows
+                progress and does not warn that the input ran out).
 
         Returns:
             The same kind of object yielding this process's rows; unchanged
@@ -271,8 +275,13 @@ class Distributed:
         if self.mode != "data-parallel":
             return batches
         if _is_tf_dataset(batches):
+            kept = None
+            if num_examples is not None and batch_size is not None:
+                kept = -(-num_examples // batch_size)
+                if num_examples - (kept - 1) * batch_size < self.replicas:
+                    kept -= 1  # the last batch is cut to nothing
             return _shard_tf_dataset(batches, self.replicas, self.processes,
-                                     self.process_id)
+                                     self.process_id, kept)
         return ShardedBatches(batches, self.replicas, self.processes, self.process_id)
 
     def sync_weights(self, model) -> None:
@@ -323,7 +332,8 @@ def _is_tf_dataset(batches) -> bool:
     return isinstance(batches, tf.data.Dataset)
 
 
-def _shard_tf_dataset(ds, replicas: int, processes: int, process_id: int):
+def _shard_tf_dataset(ds, replicas: int, processes: int, process_id: int,
+                      kept: int | None = None):
     import tensorflow as tf
 
     local_replicas = replicas // processes
@@ -334,9 +344,12 @@ def _shard_tf_dataset(ds, replicas: int, processes: int, process_id: int):
         start = process_id * per_process
         return images[start:start + per_process], labels[start:start + per_process]
 
-    return (ds.map(take_rows)
-              .filter(lambda images, labels: tf.shape(images)[0] > 0)
-              .prefetch(tf.data.AUTOTUNE))
+    ds = ds.map(take_rows)
+    if kept is None:
+        ds = ds.filter(lambda images, labels: tf.shape(images)[0] > 0)
+    else:
+        ds = ds.take(kept)  # only the last batch can be cut to nothing
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def _py_dataset_base():

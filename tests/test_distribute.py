@@ -119,28 +119,35 @@ def _reference_shard(batch, replicas, processes, process_id):
 
 
 @pytest.mark.parametrize("processes, process_id", [(1, 0), (2, 0), (2, 1)])
-@pytest.mark.parametrize("kind", ["tf.data", "numpy"])
-def test_each_process_gets_its_equal_share_of_every_batch(kind, processes,
+@pytest.mark.parametrize("kind", ["tf.data", "tf.data of known length", "numpy"])
+@pytest.mark.parametrize("n, sizes", [
+    (22, [8, 8, 4]),  # global batches 8, 8, 6: the last one cut to 4 (4 replicas)
+    (19, [8, 8]),     # 8, 8, 3: the last one cut to nothing
+])
+def test_each_process_gets_its_equal_share_of_every_batch(n, sizes, kind, processes,
                                                           process_id):
     from stl10_keras.data import make_batches
 
-    images = np.arange(22 * 2 * 2 * 3, dtype=np.uint8).reshape(22, 2, 2, 3)
-    labels = np.arange(22, dtype=np.int32)
-    # Global batches of 8: 8, 8, 6 (last one cut to 4 for 4 replicas).
+    images = np.zeros((n, 2, 2, 3), dtype=np.uint8)
+    labels = np.arange(n, dtype=np.int32)
     replicas = 4
-    batches = make_batches(images, labels, 8, use_tensorflow=kind == "tf.data")
+    batches = make_batches(images, labels, 8, use_tensorflow=kind != "numpy")
     dist = Distributed("data-parallel", replicas, processes, process_id)
-    sharded = dist.shard_batches(batches)
-    if kind == "tf.data":
+    if kind == "tf.data of known length":
+        sharded = dist.shard_batches(batches, n, 8)
+        assert int(sharded.cardinality()) == len(sizes)
+    else:
+        sharded = dist.shard_batches(batches)
+    if kind != "numpy":
         got = [y for _, y in sharded.as_numpy_iterator()]
     else:
         got = [sharded[i][1] for i in range(len(sharded))]
     expected = [_reference_shard(labels[i:i + 8], replicas, processes, process_id)
-                for i in range(0, 22, 8)]
+                for i in range(0, n, 8)]
     expected = [e for e in expected if e is not None]
     assert [g.tolist() for g in got] == [e.tolist() for e in expected]
     # Every process gets the same number of batches, of the same sizes.
-    assert [len(g) for g in got] == [8 // processes, 8 // processes, 4 // processes]
+    assert [len(g) for g in got] == [size // processes for size in sizes]
 
 
 def test_numpy_batches_cover_every_image_once_per_epoch_in_a_new_order():
