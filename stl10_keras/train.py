@@ -286,6 +286,7 @@ def train(
     overwrite: bool = False,
     verbose: int = 1,
     splits=None,
+    kmeans_result: dict | None = None,
 ) -> dict[str, Any]:
     """Train, evaluate and export one run; resumable.
 
@@ -296,6 +297,9 @@ def train(
         overwrite: delete an existing run in `run_dir` first.
         verbose: keras verbosity.
         splits: preloaded `data.Splits` (None: load from `config.data`).
+        kmeans_result: a precomputed `kmeans.kmeans_init` result for this
+            config and image shape (e.g. the pipeline's Transform): its
+            `weights` are applied instead of clustering again.
 
     Returns:
         The metrics dict also written to `RUN/metrics.json`.
@@ -334,7 +338,7 @@ def train(
     model = build_model(config, splits.image_shape)
     backup_dir = run_dir / "backup"
     resuming = backup_dir.exists() and any(backup_dir.iterdir())
-    kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming)
+    kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming, kmeans_result)
 
     augmentation = None
     map_fn = None
@@ -420,18 +424,31 @@ def train(
     return metrics
 
 
-def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool) -> dict | None:
+def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
+                 precomputed: dict | None = None) -> dict | None:
     """Initialise the k-means stages; on resume the backup restores the weights."""
     if not config.kmeans.stages:
         return None
     info_path = run_dir / "kmeans.json"
     if resuming and info_path.exists():
         return read_json(info_path)
-    from stl10_keras.kmeans import kmeans_init
+    from stl10_keras.kmeans import apply_kmeans_weights, kmeans_init
+    from stl10_keras.model import conv_layer_names
 
-    print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
-          f"{config.kmeans.num_images} unlabeled images")
-    result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
+    if precomputed is not None:
+        expected = {n for s in config.kmeans.stages
+                    for n in conv_layer_names(config.model)[s - 1]}
+        if set(precomputed["weights"]) != expected:
+            raise ConfigError(
+                f"The precomputed k-means result holds {sorted(precomputed['weights'])}"
+                f" but this config initialises {sorted(expected)}; recompute it."
+            )
+        apply_kmeans_weights(model, precomputed["weights"])
+        result = precomputed
+    else:
+        print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
+              f"{config.kmeans.num_images} unlabeled images")
+        result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
     info = {"kmeans_seconds": result["kmeans_seconds"], "layers": result["layers"]}
     atomic_write_json(info_path, info)
     _centroids_figure(result, config, run_dir)
