@@ -81,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except OSError as e:  # the pipeline root itself cannot be written
+        print(f"error: cannot write {e.filename or 'the pipeline root'} "
+              f"({e.strerror or e}); pass another --pipeline-root.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\nInterrupted. Run the same command again to resume at the "
               "unfinished component.", file=sys.stderr)
