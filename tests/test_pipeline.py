@@ -319,6 +319,17 @@ def test_a_better_served_model_is_not_blessed_and_nothing_is_pushed(dirs, digits
 
 # --- bad input ------------------------------------------------------------------------
 
+def test_train_refuses_a_kmeans_result_for_other_stages(first, digits, tmp_path):
+    from stl10_keras.config import ConfigError, preset
+    from stl10_keras.train import train
+
+    result = c.load_kmeans_result(artifact(first, "Transform"))  # stages 1 and 2
+    config = preset("smoke", "digits", variant="kmeans1")
+    with pytest.raises(ConfigError, match="recompute it"):
+        train(config, tmp_path / "run", verbose=0, splits=digits, kmeans_result=result)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 def test_fingerprints_ignore_key_order_and_see_every_value():
     a = c.compute_fingerprint("Trainer", {"x": 1, "y": [1, 2]}, {"T": "f"})
     assert a == c.compute_fingerprint("Trainer", {"y": [1, 2], "x": 1}, {"T": "f"})
