@@ -323,6 +323,7 @@ def train(
     overwrite: bool = False,
     verbose: int = 1,
     splits=None,
+    kmeans_result: dict | None = None,
     distribution: "Distributed | None" = None,
 ) -> dict[str, Any]:
     """Train, evaluate and export one run; resumable.
@@ -334,6 +335,9 @@ def train(
         overwrite: delete an existing run in `run_dir` first.
         verbose: keras verbosity.
         splits: preloaded `data.Splits` (None: load from `config.data`).
+        kmeans_result: a precomputed `kmeans.kmeans_init` result for this
+            config and image shape (e.g. the pipeline's Transform): its
+            `weights` are applied instead of clustering again.
         distribution: from `distribute.setup` (None: one device). Process
             I > 0 of a multi-host job writes to `RUN/process_I/` and does not
             save `model.keras` or export.
@@ -407,7 +411,8 @@ def train(
     # distribution scope (a no-op without --distribution).
     with dist.scope():
         model = build_model(config, splits.image_shape)
-        kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming)
+        kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming,
+                                   kmeans_result)
         dist.sync_weights(model)
         if config.augment.enabled and config.augment.on == "device":
             augmentation = _augmentation_layer(config, splits, run_dir)
@@ -530,18 +535,31 @@ def _export(model, model_path: Path, export_dir, class_names) -> Path:
     return Path(proc.stdout.strip().splitlines()[-1])
 
 
-def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool) -> dict | None:
+def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
+                 precomputed: dict | None = None) -> dict | None:
     """Initialise the k-means stages; on resume the backup restores the weights."""
     if not config.kmeans.stages:
         return None
     info_path = run_dir / "kmeans.json"
     if resuming and info_path.exists():
         return read_json(info_path)
-    from stl10_keras.kmeans import kmeans_init
+    from stl10_keras.kmeans import apply_kmeans_weights, kmeans_init
+    from stl10_keras.model import conv_layer_names
 
-    print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
-          f"{config.kmeans.num_images} unlabeled images")
-    result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
+    if precomputed is not None:
+        expected = {n for s in config.kmeans.stages
+                    for n in conv_layer_names(config.model)[s - 1]}
+        if set(precomputed["weights"]) != expected:
+            raise ConfigError(
+                f"The precomputed k-means result holds {sorted(precomputed['weights'])}"
+                f" but this config initialises {sorted(expected)}; recompute it."
+            )
+        apply_kmeans_weights(model, precomputed["weights"])
+        result = precomputed
+    else:
+        print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
+              f"{config.kmeans.num_images} unlabeled images")
+        result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
     info = {"kmeans_seconds": result["kmeans_seconds"], "layers": result["layers"]}
     atomic_write_json(info_path, info)
     _centroids_figure(result, config, run_dir)
