@@ -37,6 +37,11 @@ import numpy as np
 from stl10_keras.config import ConfigError
 
 MODES = ("none", "mirrored", "data-parallel")
+
+
+class DistributionError(RuntimeError):
+    """The processes of a multi-host job could not form it; the message says why."""
+
 #: The Keras backend each mode runs on.
 BACKENDS = {"mirrored": "tensorflow", "data-parallel": "jax"}
 DEVICE_KINDS = ("cpu", "gpu", "tpu")
@@ -464,8 +469,16 @@ def _setup_data_parallel(options: DistributionOptions,
         # starts it): the number of host devices each process exposes.
         jax.config.update("jax_num_cpu_devices", max(request.indices) + 1)
     if options.multi_process:
-        keras.distribution.initialize(options.coordinator_address,
-                                      options.num_processes, options.process_id)
+        try:
+            keras.distribution.initialize(options.coordinator_address,
+                                          options.num_processes, options.process_id)
+        except Exception as e:  # jax reports connection failures as several types
+            raise DistributionError(
+                f"Process {options.process_id} could not join the job of "
+                f"{options.num_processes} at {options.coordinator_address} "
+                f"({type(e).__name__}); start every process with the same "
+                "--coordinator-address (process 0's host) and --num-processes."
+            ) from None
     processes, process_id = jax.process_count(), jax.process_index()
     if request is None:
         devices = list(jax.devices())

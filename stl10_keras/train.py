@@ -632,7 +632,7 @@ def _setup_distribution(args: argparse.Namespace, config: Config) -> "Distribute
             and args.process_id is None:
         from stl10_keras.distribute import Distributed
 
-        return Distributed()  # without importing keras before it is needed
+        return Distributed()
     import keras
 
     from stl10_keras import distribute
@@ -649,6 +649,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from stl10_keras.data import DataUnavailableError
+    from stl10_keras.distribute import DistributionError
 
     try:
         config = config_from_args(args)
@@ -669,7 +670,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "train it again):")
         _print_summary(metrics, run_dir)
         return 0
-    except (ConfigError, DataUnavailableError, TrainingError) as e:
+    except (ConfigError, DataUnavailableError, DistributionError,
+            TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
