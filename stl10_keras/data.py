@@ -462,16 +462,11 @@ def tensorflow_available() -> bool:
     return True
 
 
-def _py_dataset_base():
+def numpy_batches(images, labels, batch_size, shuffle=False, seed=0):
+    """A `NumpyBatches` (a factory: keras is imported only when it is called)."""
     import keras
 
-    return keras.utils.PyDataset
-
-
-def numpy_batches(images, labels, batch_size, shuffle=False, seed=0):
-    """`NumpyBatches(...)`; keras is imported only when this is called."""
-
-    class NumpyBatches(_py_dataset_base()):
+    class NumpyBatches(keras.utils.PyDataset):
         """uint8 `(images, labels)` batches from numpy arrays, reshuffled every epoch.
 
         The shuffle is a full permutation drawn from `seed` and the epoch

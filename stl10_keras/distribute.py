@@ -287,7 +287,8 @@ class Distributed:
                     kept -= 1  # the last batch is cut to nothing
             return _shard_tf_dataset(batches, self.replicas, self.processes,
                                      self.process_id, kept)
-        return ShardedBatches(batches, self.replicas, self.processes, self.process_id)
+        return sharded_batches(batches, self.replicas, self.processes,
+                               self.process_id)
 
     def sync_weights(self, model) -> None:
         """Make every process hold process 0's weights (multi-host only).
@@ -357,35 +358,34 @@ def _shard_tf_dataset(ds, replicas: int, processes: int, process_id: int,
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
-def _py_dataset_base():
+def sharded_batches(batches, replicas: int, processes: int, process_id: int):
+    """`Distributed.shard_batches` for a `keras.utils.PyDataset` of numpy batches.
+
+    (A factory, so that importing this module does not import keras.)
+    """
     import keras
 
-    return keras.utils.PyDataset
+    class ShardedBatches(keras.utils.PyDataset):
+        def __init__(self):
+            super().__init__()
+            # Which batches survive the cut depends only on their sizes,
+            # which do not change between epochs.
+            sizes = [len(batches[i][1]) for i in range(len(batches))]
+            self._keep = [i for i, n in enumerate(sizes) if n >= replicas]
 
+        def __len__(self) -> int:
+            return len(self._keep)
 
-class ShardedBatches(_py_dataset_base()):
-    """`Distributed.shard_batches` for a `keras.utils.PyDataset` of numpy batches."""
+        def __getitem__(self, index: int):
+            images, labels = batches[self._keep[index]]
+            start, stop = rows_for_process(len(labels), replicas, processes,
+                                           process_id)
+            return images[start:stop], labels[start:stop]
 
-    def __init__(self, batches, replicas: int, processes: int, process_id: int):
-        super().__init__()
-        self.batches = batches
-        self.replicas, self.processes, self.process_id = replicas, processes, process_id
-        # Which batches survive the cut depends only on their sizes, which do
-        # not change between epochs.
-        sizes = [len(batches[i][1]) for i in range(len(batches))]
-        self._keep = [i for i, n in enumerate(sizes) if n >= replicas]
+        def on_epoch_end(self) -> None:
+            batches.on_epoch_end()
 
-    def __len__(self) -> int:
-        return len(self._keep)
-
-    def __getitem__(self, index: int):
-        images, labels = self.batches[self._keep[index]]
-        start, stop = rows_for_process(len(labels), self.replicas, self.processes,
-                                       self.process_id)
-        return images[start:stop], labels[start:stop]
-
-    def on_epoch_end(self) -> None:
-        self.batches.on_epoch_end()
+    return ShardedBatches()
 
 
 # --- setup ------------------------------------------------------------------------
