@@ -6,10 +6,14 @@ uint8), and the unlabeled split as a *stream* of uint8 batches (STL-10's
 100,000 unlabeled images are 2.76 GB as uint8, 11 GB as float32: never
 materialised). `make_dataset` turns arrays into a tf.data pipeline that moves
 uint8 (cache -> shuffle -> batch -> prefetch); the model rescales on the device.
+`make_batches` picks it when TensorFlow is installed and otherwise feeds the
+same uint8 batches from numpy (`NumpyBatches`), for a JAX-only install.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
 import os
 import shutil
 import socket
@@ -445,3 +449,82 @@ def make_dataset(
     if map_fn is not None:
         ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+# --- numpy batches (no TensorFlow) ----------------------------------------------
+
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported (it is optional under the JAX backend)."""
+    try:
+        importlib.import_module("tensorflow")
+    except ImportError:
+        return False
+    return True
+
+
+def numpy_batches(images, labels, batch_size, shuffle=False, seed=0):
+    """A `NumpyBatches` (a factory: keras is imported only when it is called)."""
+    import keras
+
+    class NumpyBatches(keras.utils.PyDataset):
+        """uint8 `(images, labels)` batches from numpy arrays, reshuffled every epoch.
+
+        The shuffle is a full permutation drawn from `seed` and the epoch
+        number (tf.data's buffer shuffle orders the images differently, so a
+        run fed by it is not step-for-step the same as one fed by tf.data).
+        """
+
+        def __init__(self):
+            super().__init__()
+            self._epoch = 0
+            self._order = self._permutation()
+
+        def _permutation(self):
+            if not shuffle:
+                return np.arange(len(labels))
+            return np.random.default_rng([seed, self._epoch]).permutation(len(labels))
+
+        def __len__(self) -> int:
+            return math.ceil(len(labels) / batch_size)
+
+        def __getitem__(self, index: int):
+            rows = self._order[index * batch_size:(index + 1) * batch_size]
+            return images[rows], labels[rows]
+
+        def on_epoch_end(self) -> None:
+            self._epoch += 1
+            self._order = self._permutation()
+
+    return NumpyBatches()
+
+
+def make_batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    shuffle_buffer: int = 5000,
+    map_fn: Callable | None = None,
+    use_tensorflow: bool | None = None,
+):
+    """Training or evaluation batches: tf.data if TensorFlow is there, else numpy.
+
+    Args:
+        images, labels, batch_size, shuffle, seed, shuffle_buffer, map_fn: as
+            for `make_dataset`; `map_fn` needs TensorFlow.
+        use_tensorflow: force a choice; None uses tf.data when TensorFlow can
+            be imported.
+
+    Returns:
+        A `tf.data.Dataset`, or a `keras.utils.PyDataset` of numpy batches;
+        `fit` takes either.
+    """
+    if use_tensorflow is None:
+        use_tensorflow = tensorflow_available()
+    if use_tensorflow:
+        return make_dataset(images, labels, batch_size, shuffle=shuffle, seed=seed,
+                            shuffle_buffer=shuffle_buffer, map_fn=map_fn)
+    if map_fn is not None:
+        raise ValueError("map_fn runs in tf.data and needs TensorFlow.")
+    return numpy_batches(images, labels, batch_size, shuffle=shuffle, seed=seed)

@@ -202,3 +202,27 @@ def export_saved_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def export_keras_file(
+    model_path: str | os.PathLike,
+    export_dir: str | os.PathLike,
+    class_names: Sequence[str],
+) -> Path:
+    """`export_saved_model` of a saved `model.keras` (TensorFlow backend only).
+
+    The export graph is TensorFlow, so a model trained under another Keras
+    backend is exported by a TensorFlow-backend process from its `model.keras`
+    (`stl10_keras.train` does that in a subprocess).
+
+    Args:
+        model_path: a `model.keras` written by `stl10_keras.train`.
+        export_dir: the model base path.
+        class_names: class names, index = class id.
+
+    Returns:
+        The path of the written version folder.
+    """
+    from stl10_keras.model import load_model
+
+    return export_saved_model(load_model(model_path), export_dir, class_names)

@@ -754,6 +754,7 @@ class ModelServer:
             ident="stl10_keras.serve")
         self._server.channel_class = _json_error_channel(max_body_bytes)
         self._running = False
+        self._closing = False
         listen = getattr(self._server, "effective_listen", None)
         if not listen:
             listen = [(self._server.effective_host, self._server.effective_port)]
@@ -769,6 +770,12 @@ class ModelServer:
         self._running = True
         try:
             self._server.run()
+        except OSError:
+            # close() from another thread can close a socket while the loop's
+            # select() still holds its descriptor (EBADF); that is the shutdown
+            # asked for, not an error (webtest's StopableWSGIServer does the same).
+            if not self._closing:
+                raise
         finally:
             self._running = False
 
@@ -777,6 +784,7 @@ class ModelServer:
         from waitress import wasyncore
 
         server = self._server
+        self._closing = True
         sockets = getattr(server, "_map", None) or server.map
         trigger = getattr(server, "trigger", None)
         if trigger is not None and self._running:

@@ -7,6 +7,9 @@ Run directory (one per run):
 Rerunning the same command after an interruption resumes from the last
 completed epoch (keras BackupAndRestore); rerunning a finished run prints its
 results and does nothing (`--overwrite` starts it over).
+
+`--distribution mirrored` (TensorFlow) or `data-parallel` (JAX, also across
+hosts) trains on several devices; see `stl10_keras.distribute`.
 """
 
 from __future__ import annotations
@@ -17,15 +20,19 @@ import json
 import os
 import shutil
 import sys
+import subprocess
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from stl10_keras import config as cfg  # noqa: E402
 from stl10_keras.config import Config, ConfigError  # noqa: E402
 from stl10_keras.io_utils import atomic_write_json, read_json  # noqa: E402
+
+if TYPE_CHECKING:
+    from stl10_keras.distribute import Distributed, DistributionOptions
 
 
 class TrainingError(RuntimeError):
@@ -179,7 +186,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start over even if the run dir holds a run")
     g.add_argument("--verbose", type=int, choices=(0, 1, 2), default=1,
                    help="keras progress: 0 silent, 1 progress bar, 2 one line/epoch")
+    g = parser.add_argument_group(
+        "distribution",
+        "data-parallel training; --batch-size stays the global batch (README)")
+    g.add_argument("--distribution", choices=("none", "mirrored", "data-parallel"),
+                   default="none",
+                   help="mirrored: tf.distribute.MirroredStrategy "
+                        "(KERAS_BACKEND=tensorflow); data-parallel: "
+                        "keras.distribution.DataParallel (KERAS_BACKEND=jax)")
+    g.add_argument("--devices", default=None,
+                   help="N (the first N GPUs) or gpu:0,gpu:1; cpu:0,cpu:1 splits "
+                        "the CPU into logical devices (default: every GPU)")
+    g.add_argument("--coordinator-address", default=None, metavar="HOST:PORT",
+                   help="multi-host data-parallel: process 0's address")
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="multi-host data-parallel: processes in the job")
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="multi-host data-parallel: this process, 0..N-1")
     return parser
+
+
+def distribution_options(args: argparse.Namespace) -> "DistributionOptions":
+    """The `--distribution` flags as `distribute.DistributionOptions`."""
+    from stl10_keras.distribute import DistributionOptions
+
+    return DistributionOptions(args.distribution, args.devices,
+                               args.coordinator_address, args.num_processes,
+                               args.process_id)
 
 
 # --- training -------------------------------------------------------------------
@@ -242,7 +275,11 @@ def _accuracy(model, images, labels, batch_size: int = 256) -> float:
 
 
 def log_image(log_dir: Path, tag: str, image) -> None:
-    """Write one RGB uint8 image to TensorBoard (Images tab)."""
+    """Write one RGB uint8 image to TensorBoard (Images tab); needs TensorFlow."""
+    from stl10_keras.data import tensorflow_available
+
+    if not tensorflow_available():
+        return  # the PNG in figures/ is still written
     import tensorflow as tf
 
     writer = tf.summary.create_file_writer(str(log_dir / "images"))
@@ -286,6 +323,8 @@ def train(
     overwrite: bool = False,
     verbose: int = 1,
     splits=None,
+    kmeans_result: dict | None = None,
+    distribution: "Distributed | None" = None,
 ) -> dict[str, Any]:
     """Train, evaluate and export one run; resumable.
 
@@ -296,14 +335,34 @@ def train(
         overwrite: delete an existing run in `run_dir` first.
         verbose: keras verbosity.
         splits: preloaded `data.Splits` (None: load from `config.data`).
+        kmeans_result: a precomputed `kmeans.kmeans_init` result for this
+            config and image shape (e.g. the pipeline's Transform): its
+            `weights` are applied instead of clustering again.
+        distribution: from `distribute.setup` (None: one device). Process
+            I > 0 of a multi-host job writes to `RUN/process_I/` and does not
+            save `model.keras` or export.
 
     Returns:
         The metrics dict also written to `RUN/metrics.json`.
     """
-    run_dir = Path(run_dir)
+    from stl10_keras import data as data_lib
+    from stl10_keras.distribute import Distributed, check_batch_size
+
+    dist = distribution or Distributed()
+    check_batch_size(config.train.batch_size, dist.replicas)
+    has_tf = data_lib.tensorflow_available()
+    if not has_tf and config.augment.enabled and config.augment.on == "cpu":
+        raise ConfigError("--augment-on cpu runs in tf.data, and TensorFlow is not "
+                          "installed; use --augment-on device.")
+    if not has_tf and export_dir is not None:
+        raise ConfigError("Exporting a SavedModel needs TensorFlow, which is not "
+                          "installed; install it or pass --no-export.")
+    if not dist.is_chief:
+        export_dir = None
+    run_dir = dist.run_dir(run_dir)
     metrics_path = run_dir / "metrics.json"
     if overwrite and run_dir.exists():
-        shutil.rmtree(run_dir)
+        _remove_run(run_dir, keep_process_dirs=dist.processes > 1)
     if metrics_path.exists():
         return read_json(metrics_path)
     config_path = run_dir / "config.json"
@@ -320,7 +379,6 @@ def train(
     import keras
     import numpy as np
 
-    from stl10_keras import data as data_lib
     from stl10_keras.model import build_model, build_training_model
 
     wall0 = time.perf_counter()
@@ -331,54 +389,60 @@ def train(
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if t.mixed_precision else "float32"
     )
-    model = build_model(config, splits.image_shape)
     backup_dir = run_dir / "backup"
     resuming = backup_dir.exists() and any(backup_dir.iterdir())
-    kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming)
-
+    history_path = run_dir / "history.csv"
+    throughput = _Throughput(t.batch_size)
     augmentation = None
     map_fn = None
-    if config.augment.enabled:
-        from stl10_keras.augment import random_affine_from_config
+    if config.augment.enabled and config.augment.on == "cpu":
+        import tensorflow as tf
 
-        augmentation = random_affine_from_config(config.augment, seed=t.seed)
-        _augmentation_figure(augmentation, splits.x_train, run_dir)
-        if config.augment.on == "cpu":
-            import tensorflow as tf
+        # A tf.data map, not part of the model: built outside any strategy
+        # scope, whose variables would live on the replicas' devices.
+        layer = _augmentation_layer(config, splits, run_dir)
 
-            layer = augmentation
+        # Compiled with XLA: 3-5x faster than a plain map (benchmarks/augment.py).
+        @tf.function(jit_compile=True)
+        def map_fn(images, labels):
+            return layer(images, training=True), labels
 
-            # Compiled with XLA: 3-5x faster than a plain map (benchmarks/augment.py).
-            @tf.function(jit_compile=True)
-            def map_fn(images, labels):
-                return layer(images, training=True), labels
-
-            augmentation = None
-    training_model = build_training_model(model, augmentation)
-    training_model.compile(
-        optimizer=_optimizer(t),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=_jit_compile(),
-    )
-    train_ds = data_lib.make_dataset(
-        splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
-        shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
-    )
-    val_ds = data_lib.make_dataset(splits.x_val, splits.y_val, 256)
-    throughput = _Throughput(t.batch_size)
-    history_path = run_dir / "history.csv"
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        throughput.callback,
-        keras.callbacks.CSVLogger(str(history_path), append=True),
-        keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")),
-        keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
-    ]
-    training_model.fit(
-        train_ds, validation_data=val_ds, epochs=t.epochs, callbacks=callbacks,
-        verbose=verbose, shuffle=False,  # tf.data already shuffles
-    )
+    # Everything that creates or updates weights runs inside the strategy or
+    # distribution scope (a no-op without --distribution).
+    with dist.scope():
+        model = build_model(config, splits.image_shape)
+        kmeans_info = _kmeans_init(config, model, splits, run_dir, resuming,
+                                   kmeans_result)
+        dist.sync_weights(model)
+        if config.augment.enabled and config.augment.on == "device":
+            augmentation = _augmentation_layer(config, splits, run_dir)
+        training_model = build_training_model(model, augmentation)
+        training_model.compile(
+            optimizer=_optimizer(t),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+            jit_compile=_jit_compile(),
+        )
+        train_ds = dist.shard_batches(data_lib.make_batches(
+            splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
+            shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
+        ), len(splits.y_train), t.batch_size)
+        val_batch = 256 // dist.replicas * dist.replicas
+        val_ds = dist.shard_batches(
+            data_lib.make_batches(splits.x_val, splits.y_val, val_batch),
+            len(splits.y_val), val_batch)
+        callbacks = [
+            keras.callbacks.TerminateOnNaN(),
+            throughput.callback,
+            keras.callbacks.CSVLogger(str(history_path), append=True),
+            keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+        ]
+        if has_tf:  # keras' TensorBoard callback writes with tf.summary
+            callbacks.insert(3, keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")))
+        training_model.fit(
+            train_ds, validation_data=val_ds, epochs=t.epochs, callbacks=callbacks,
+            verbose=verbose, shuffle=False,  # the batches are already shuffled
+        )
     history = _read_history(history_path)
     if not history or not np.isfinite(history[-1].get("loss", np.nan)) \
             or len(history) < t.epochs:
@@ -387,19 +451,20 @@ def train(
             f"{t.learning_rate}; rerun with a lower --learning-rate and --overwrite."
         )
 
+    # Evaluation, saving and export use an ordinary one-device copy.
+    model = dist.local_copy(model, lambda: build_model(config, splits.image_shape))
     val_accuracy = _accuracy(model, splits.x_val, splits.y_val)
     test_accuracy = _accuracy(model, splits.x_test, splits.y_test)
     model_path = run_dir / "model.keras"
-    tmp_model = run_dir / ".model.tmp.keras"
-    model.save(tmp_model)
-    os.replace(tmp_model, model_path)
-    _filters_figure(model, run_dir)
+    if dist.is_chief:
+        tmp_model = run_dir / ".model.tmp.keras"
+        model.save(tmp_model)
+        os.replace(tmp_model, model_path)
+        _filters_figure(model, run_dir)
 
     exported = None
     if export_dir is not None:
-        from stl10_keras.export import export_saved_model
-
-        exported = str(export_saved_model(model, export_dir, splits.class_names))
+        exported = str(_export(model, model_path, export_dir, splits.class_names))
     metrics = {
         "val_accuracy": val_accuracy,
         "test_accuracy": test_accuracy,
@@ -413,6 +478,7 @@ def train(
         "kmeans": kmeans_info["layers"] if kmeans_info else None,
         "data": splits.summary(),
         "export_path": exported,
+        **dist.record(),
     }
     atomic_write_json(metrics_path, metrics)
     # The backup is only for resuming an unfinished run.
@@ -420,18 +486,80 @@ def train(
     return metrics
 
 
-def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool) -> dict | None:
+def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:
+    """`--overwrite`: delete a run; in a multi-host job each process its own.
+
+    Process 0 leaves the `process_I/` folders alone: on a shared disk, process
+    I may already be writing there.
+    """
+    if not keep_process_dirs:
+        shutil.rmtree(run_dir)
+        return
+    for entry in run_dir.iterdir():
+        if entry.is_dir() and entry.name.startswith("process_"):
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _export(model, model_path: Path, export_dir, class_names) -> Path:
+    """Export the SavedModel; under another backend, from model.keras in TensorFlow.
+
+    The export graph (serving signatures, image decoding) is TensorFlow, so a
+    model trained under JAX is exported by a TensorFlow-backend subprocess from
+    the `model.keras` just saved: the same weights, the same layers.
+    """
+    import keras
+
+    from stl10_keras import export
+
+    if keras.backend.backend() == "tensorflow":
+        return export.export_saved_model(model, export_dir, class_names)
+    package_root = str(Path(export.__file__).resolve().parents[1])
+    env = dict(os.environ, KERAS_BACKEND="tensorflow",
+               PYTHONPATH=os.pathsep.join(
+                   p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+    script = ("import sys; from stl10_keras.export import export_keras_file; "
+              "print(export_keras_file(sys.argv[1], sys.argv[2], sys.argv[3:]))")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(model_path), str(export_dir),
+         *class_names], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise TrainingError(
+            f"The SavedModel export (a TensorFlow-backend process reading "
+            f"{model_path}) failed: {last}; the trained model is in {model_path}."
+        )
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
+def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
+                 precomputed: dict | None = None) -> dict | None:
     """Initialise the k-means stages; on resume the backup restores the weights."""
     if not config.kmeans.stages:
         return None
     info_path = run_dir / "kmeans.json"
     if resuming and info_path.exists():
         return read_json(info_path)
-    from stl10_keras.kmeans import kmeans_init
+    from stl10_keras.kmeans import apply_kmeans_weights, kmeans_init
+    from stl10_keras.model import conv_layer_names
 
-    print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
-          f"{config.kmeans.num_images} unlabeled images")
-    result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
+    if precomputed is not None:
+        expected = {n for s in config.kmeans.stages
+                    for n in conv_layer_names(config.model)[s - 1]}
+        if set(precomputed["weights"]) != expected:
+            raise ConfigError(
+                f"The precomputed k-means result holds {sorted(precomputed['weights'])}"
+                f" but this config initialises {sorted(expected)}; recompute it."
+            )
+        apply_kmeans_weights(model, precomputed["weights"])
+        result = precomputed
+    else:
+        print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
+              f"{config.kmeans.num_images} unlabeled images")
+        result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
     info = {"kmeans_seconds": result["kmeans_seconds"], "layers": result["layers"]}
     atomic_write_json(info_path, info)
     _centroids_figure(result, config, run_dir)
@@ -451,6 +579,15 @@ def _centroids_figure(result: dict, config, run_dir: Path) -> None:
         str(run_dir / "figures" / f"kmeans_centroids_{k}x{k}.png"),
     )
     log_image(run_dir / "logs", f"figure1_kmeans_centroids_{k}x{k}", image)
+
+
+def _augmentation_layer(config: Config, splits, run_dir: Path):
+    """The run's `RandomAffine` (seeded from the config), after drawing Figure 3."""
+    from stl10_keras.augment import random_affine_from_config
+
+    layer = random_affine_from_config(config.augment, seed=config.train.seed)
+    _augmentation_figure(layer, splits.x_train, run_dir)
+    return layer
 
 
 def _augmentation_figure(layer, images, run_dir: Path) -> None:
@@ -488,26 +625,53 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
         print(f"SavedModel: {metrics['export_path']}")
 
 
+def _setup_distribution(args: argparse.Namespace, config: Config) -> "Distributed":
+    """Check the --distribution flags, then set up the devices (before any data)."""
+    if args.distribution == "none" and args.devices is None \
+            and args.coordinator_address is None and args.num_processes is None \
+            and args.process_id is None:
+        from stl10_keras.distribute import Distributed
+
+        return Distributed()
+    import keras
+
+    from stl10_keras import distribute
+
+    options = distribution_options(args)
+    request = distribute.check_options(options, keras.backend.backend())
+    replicas = distribute.expected_replicas(options, request)
+    if replicas is not None:  # refuse before starting any runtime
+        distribute.check_batch_size(config.train.batch_size, replicas)
+    return distribute.setup(options)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from stl10_keras.data import DataUnavailableError
+    from stl10_keras.distribute import DistributionError
 
     try:
         config = config_from_args(args)
+        distribution = _setup_distribution(args, config)
         name = default_run_name(config)
         run_dir = Path(args.run_dir or Path("runs") / name)
         export_dir = None if args.no_export else (
             args.export_dir or str(Path("saved_models") / name))
         finished = (run_dir / "metrics.json").exists() and not args.overwrite
         metrics = train(config, run_dir, export_dir, overwrite=args.overwrite,
-                        verbose=args.verbose)
+                        verbose=args.verbose, distribution=distribution)
+        if not distribution.is_chief:
+            print(f"process {distribution.process_id} of {distribution.processes} "
+                  "done; process 0 wrote the run.")
+            return 0
         if finished:
             print(f"{run_dir} already holds a finished run (pass --overwrite to "
                   "train it again):")
         _print_summary(metrics, run_dir)
         return 0
-    except (ConfigError, DataUnavailableError, TrainingError) as e:
+    except (ConfigError, DataUnavailableError, DistributionError,
+            TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
