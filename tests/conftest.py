@@ -6,6 +6,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# XLA's CPU compiler spends most of a tiny JAX run optimising (12 s of 17 s
+# before the first step, mostly compiling the random initialisers);
+# unoptimised code computes the same values. For JAX subprocesses in tests.
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 sys.path.insert(0, str(ROOT))
 
 

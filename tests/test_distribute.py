@@ -16,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import FAST_XLA, ROOT, subprocess_env
 from stl10_keras import distribute
 from stl10_keras.config import ConfigError
 from stl10_keras.distribute import Distributed, DistributionOptions
@@ -32,10 +32,6 @@ TINY = ["--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
         "--widths", "4,4", "--fc-units", "16", "--dropout", "0",
         "--learning-rate", "0.05", "--batch-size", "40", "--epochs", "1",
         "--no-export", "--verbose", "0"]
-# XLA's CPU compiler spends most of a tiny JAX run optimising (here 12 s of
-# 17 s before the first step, mostly compiling the random initialisers);
-# unoptimised code computes the same values, and every run compared shares it.
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # TensorFlow made unimportable, as on a JAX-only install (a finder, not
 # sys.modules["tensorflow"] = None: keras treats a key there as TF loaded).
 NO_TENSORFLOW = """

@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import FAST_XLA, ROOT, subprocess_env
 from stl10_keras.config import preset
 from stl10_keras.layers import ManualBatchNorm
 from stl10_keras.model import build_model, build_training_model, feature_extractor
@@ -100,7 +100,7 @@ def test_model_trains_under_the_jax_backend():
         print("OK")
     """)
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
-                          env=subprocess_env(KERAS_BACKEND="jax"),
+                          env=subprocess_env(KERAS_BACKEND="jax", XLA_FLAGS=FAST_XLA),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "OK" in proc.stdout

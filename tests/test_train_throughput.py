@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import FAST_XLA, ROOT, subprocess_env
 
 SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 TINY = ["--quick", "--batch-sizes", "4", "--precisions", "float32", "--steps", "1",
@@ -110,7 +110,7 @@ def test_no_tensorflow_under_jax():
         "print('NO_TENSORFLOW')\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=subprocess_env(KERAS_BACKEND="jax"), timeout=300,
+                          env=subprocess_env(KERAS_BACKEND="jax", XLA_FLAGS=FAST_XLA), timeout=300,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "NO_TENSORFLOW" in proc.stdout
