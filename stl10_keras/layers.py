@@ -80,11 +80,11 @@ class ManualBatchNorm(keras.layers.Layer):
         )
         self.moving_mean = self.add_weight(
             shape=shape, name="moving_mean", initializer="zeros", trainable=False,
-            autocast=False,
+            autocast=False, aggregation="mean",
         )
         self.moving_variance = self.add_weight(
             shape=shape, name="moving_variance", initializer="ones", trainable=False,
-            autocast=False,
+            autocast=False, aggregation="mean",
         )
 
     def call(self, inputs, training=False):
