@@ -61,7 +61,7 @@ import numpy as np  # noqa: E402
 from stl10_keras import model as model_lib  # noqa: E402
 from stl10_keras.augment import random_affine_from_config  # noqa: E402
 from stl10_keras.config import Config, preset  # noqa: E402
-from stl10_keras.train import _jit_compile, _optimizer  # noqa: E402
+from stl10_keras.train import compile_training_model, jit_compile_setting  # noqa: E402,E501
 from _common import cpu_name  # noqa: E402
 
 PRECISIONS = ("float32", "mixed_bfloat16")
@@ -109,13 +109,7 @@ def build_keras_training_model(config: Config, image_size: int,
         model = model_lib.build_model(config, (image_size, image_size, 3))
     augmentation = random_affine_from_config(config.augment, seed=config.train.seed)
     training_model = model_lib.build_training_model(model, augmentation)
-    training_model.compile(
-        optimizer=_optimizer(config.train),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-        jit_compile=_jit_compile(),
-        steps_per_execution=steps_per_execution,
-    )
+    compile_training_model(training_model, config.train, steps_per_execution)
     return training_model
 
 
@@ -204,7 +198,7 @@ def keras_runner(config: Config, args, precision: str, data,
 
 
 def keras_mode() -> str:
-    return f"{keras.backend.backend()} fit, jit_compile={_jit_compile()}"
+    return f"{keras.backend.backend()} fit, jit_compile={jit_compile_setting()}"
 
 
 def interleave(runners: dict, rounds: int) -> dict:
@@ -413,7 +407,7 @@ def augmentation_call(layer, images) -> Callable[[], Any]:
     if backend == "tensorflow":
         import tensorflow as tf
 
-        jit = _jit_compile()
+        jit = jit_compile_setting()
         fn = tf.function(lambda x: layer(x, training=True),
                          jit_compile=None if jit == "auto" else bool(jit))
         return lambda: fn(images)

@@ -571,14 +571,6 @@ def _served_predictions(path: str, images: np.ndarray, batch_size: int) -> np.nd
     return np.concatenate(ids) if ids else np.zeros(0, np.int64)
 
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,
-                     num_classes: int) -> np.ndarray:
-    """`m[i, j]`: images of class i predicted as class j."""
-    m = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(m, (labels, predictions), 1)
-    return m
-
-
 def save_confusion_matrix(matrix: np.ndarray, class_names, title: str,
                           path: str | os.PathLike) -> np.ndarray:
     """Draw a confusion matrix (counts, rows = true class) as a PNG, atomically."""
@@ -648,6 +640,8 @@ def evaluator(output_dir: str | os.PathLike, examples: Artifact, model: Artifact
         Properties: `blessed`, `reason`, `val_accuracy`, `test_accuracy`,
         `baseline` (version, path, accuracy or None).
     """
+    from sklearn.metrics import confusion_matrix
+
     from stl10_keras.model import load_model
 
     output_dir = Path(output_dir)
@@ -658,7 +652,7 @@ def evaluator(output_dir: str | os.PathLike, examples: Artifact, model: Artifact
         x, y = read_split(examples, split)
         logits = keras_model.predict(x, batch_size=batch_size, verbose=0)
         predicted = np.argmax(logits, axis=-1)
-        matrix = confusion_matrix(y, predicted, len(class_names))
+        matrix = confusion_matrix(y, predicted, labels=range(len(class_names)))
         per_class = np.diag(matrix) / np.maximum(matrix.sum(1), 1)
         accuracy = float(np.mean(predicted == y)) if len(y) else 0.0
         results[split] = {

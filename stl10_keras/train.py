@@ -288,7 +288,7 @@ def log_image(log_dir: Path, tag: str, image) -> None:
     writer.close()
 
 
-def _optimizer(t: cfg.TrainConfig):
+def optimizer(t: cfg.TrainConfig):
     import keras
 
     # Torch's optim.sgd learningRateDecay: lr_t = lr / (1 + decay * t).
@@ -300,7 +300,7 @@ def _optimizer(t: cfg.TrainConfig):
     )
 
 
-def _jit_compile():
+def jit_compile_setting():
     """XLA on accelerators; off for TensorFlow on a CPU, where it does not pay.
 
     Measured with benchmarks/train_step.py on a 2-core CPU: at 32x32 a training
@@ -314,6 +314,20 @@ def _jit_compile():
 
         return "auto" if tf.config.list_physical_devices("GPU") else False
     return "auto"
+
+
+def compile_training_model(training_model, t: cfg.TrainConfig,
+                           steps_per_execution: int = 1) -> None:
+    """Compile the training model as every run does (benchmarks time this step)."""
+    import keras
+
+    training_model.compile(
+        optimizer=optimizer(t),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+        jit_compile=jit_compile_setting(),
+        steps_per_execution=steps_per_execution,
+    )
 
 
 def train(
@@ -417,12 +431,7 @@ def train(
         if config.augment.enabled and config.augment.on == "device":
             augmentation = _augmentation_layer(config, splits, run_dir)
         training_model = build_training_model(model, augmentation)
-        training_model.compile(
-            optimizer=_optimizer(t),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            jit_compile=_jit_compile(),
-        )
+        compile_training_model(training_model, t)
         train_ds = dist.shard_batches(data_lib.make_batches(
             splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
             shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
