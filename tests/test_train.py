@@ -56,11 +56,40 @@ def test_variants_set_augmentation_and_kmeans_stages():
     (["--widths", "8,16", "--convs-per-stage", "1"], "convs_per_stage"),
     (["--scale-range", "0.5,1.0"], "--scale-range"),
     (["--kmeans-patch-size", "7"], "--kernel-size"),
+    # Each of these used to reach keras, numpy or tf.data and end in a traceback
+    # (or, for a negative --val-per-class / --weight-decay, train silently on a
+    # nonsense split or with an L2 *reward*).
+    (["--kernel-size", "0"], "--kernel-size must be at least 1"),
+    (["--fc-units", "0"], "--fc-units"),
+    (["--fc-units=-5"], "--fc-units"),
+    (["--lr-decay=-1"], "--lr-decay"),
+    (["--weight-decay=-1"], "--weight-decay"),
+    (["--momentum=-0.1"], "--momentum"),
+    (["--momentum", "2"], "--momentum"),
+    (["--seed=-1"], "--seed"),
+    (["--val-per-class", "0"], "--val-per-class"),
+    (["--val-per-class=-1"], "--val-per-class"),
+    (["--kmeans-images", "0"], "--kmeans-images"),
+    (["--kmeans-patches-per-image", "0"], "--kmeans-patches-per-image"),
 ])
 def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
     args = build_parser().parse_args(["--dataset", "digits", *flags])
     with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
         config_from_args(args)
+
+
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("augment", "fill_mode", "mirror", "fill_mode"),
+    ("data", "shuffle_buffer", 0, "shuffle_buffer"),
+    ("kmeans", "zca_epsilon", 0.0, "zca_epsilon"),
+])
+def test_bad_config_file_values_name_the_field(tmp_path, section, key, value, needle):
+    d = preset("smoke", "digits").to_dict()
+    d[section][key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=needle):
+        Config.from_file(path)
 
 
 def test_bad_flag_exits_nonzero_without_traceback(tmp_path):
