@@ -173,13 +173,20 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError("A config must be a JSON object like the config.json "
+                              "a run writes.")
         parts = {f.name: f.type for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key not in parts:
                 raise ConfigError(f"Unknown config key '{key}'; remove it from the file.")
             sub = _SECTIONS.get(key)
-            kwargs[key] = _section_from_dict(sub, value) if sub else value
+            if sub and not isinstance(value, dict):
+                raise ConfigError(f"'{key}' must be an object of {sub.__name__} "
+                                  "fields; fix it in the file.")
+            kwargs[key] = (_section_from_dict(sub, value) if sub
+                           else _checked_value(key, parts[key], value))
         config = cls(**kwargs)
         validate(config)
         return config
@@ -219,9 +226,41 @@ def _section_from_dict(cls: type, d: dict[str, Any]) -> Any:
         raise ConfigError(
             f"Unknown {cls.__name__} key(s) {sorted(unknown)}; remove them from the file."
         )
-    # JSON has no tuples: restore them so configs compare equal after a round trip.
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    section = {v: k for k, v in _SECTIONS.items()}[cls]
+    fixed = {k: _checked_value(f"{section}.{k}", names[k].type, v) for k, v in d.items()}
     return cls(**fixed)
+
+
+def _checked_value(name: str, annotation: str, value: Any) -> Any:
+    """`value` as the field's type; JSON lists become tuples (round trips compare equal).
+
+    Without this a string or float in a config file reaches `validate` or keras
+    and fails there with a message that names neither the field nor the fix.
+    """
+    optional = annotation.endswith("| None")
+    kind = annotation.removesuffix("| None").strip()
+    if value is None and optional:
+        return None
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == "tuple[int, ...]" and isinstance(value, (list, tuple)) \
+            and all(is_int(v) for v in value):
+        return tuple(value)
+    if kind == "int" and is_int(value):
+        return value
+    if kind == "float" and (is_int(value) or isinstance(value, float)):
+        return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    expected = {"tuple[int, ...]": "a list of integers", "int": "an integer",
+                "float": "a number", "bool": "true or false",
+                "str": "a string"}.get(kind, kind)
+    raise ConfigError(f"{name} must be {expected}{' or null' if optional else ''}, "
+                      f"not {json.dumps(value)}; fix it in the file.")
 
 
 def apply_variant(config: Config) -> None:
@@ -281,6 +320,10 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
 def validate(config: Config) -> None:
     """Raise `ConfigError` naming the fix for any invalid value."""
     m, t, a, k, d = config.model, config.train, config.augment, config.kmeans, config.data
+    if config.preset not in PRESETS:
+        raise ConfigError(
+            f"Unknown preset '{config.preset}'; choose one of {', '.join(PRESETS)}."
+        )
     if d.dataset not in DATASETS:
         raise ConfigError(f"Unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}.")
     if config.variant not in VARIANTS:

@@ -92,9 +92,50 @@ def test_bad_config_file_values_name_the_field(tmp_path, section, key, value, ne
         Config.from_file(path)
 
 
+@pytest.mark.parametrize("text, needle", [
+    ("[1, 2]", "must be a JSON object"),                      # was an AttributeError
+    ('{"data": 5}', "'data' must be an object"),
+    ('{"train": {"epochs": "3"}}', 'train.epochs must be an integer, not "3"'),
+    ('{"train": {"epochs": 2.5}}', "train.epochs must be an integer"),  # was accepted
+    ('{"train": {"epochs": null}}', "train.epochs must be an integer"),
+    ('{"model": {"widths": 8}}', "model.widths must be a list of integers"),
+    ('{"model": {"widths": [8, 16.5]}}', "model.widths must be a list of integers"),
+    ('{"augment": {"flip": "no"}}', "augment.flip must be true or false"),
+    ('{"preset": "huge"}', "Unknown preset 'huge'"),
+])
+def test_a_malformed_config_file_is_one_sentence_naming_the_field(tmp_path, text,
+                                                                  needle):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        Config.from_file(path)
+
+
+def test_config_file_nulls_and_numbers_that_json_allows_still_load(tmp_path):
+    # An int where a float is expected is fine, and so are the optional fields'
+    # nulls; the result equals the preset built in Python.
+    want = preset("smoke", "digits")
+    d = want.to_dict()
+    d["train"]["learning_rate"] = 1
+    want.train.learning_rate = 1.0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    got = Config.from_file(path)
+    assert got == want and got.data.data_dir is None and got.data.val_per_class is None
+    assert isinstance(got.train.learning_rate, float)
+
+
 def test_bad_flag_exits_nonzero_without_traceback(tmp_path):
     proc = _cli("--dataset", "digits", "--epochs", "0", "--run-dir", str(tmp_path))
     assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_a_config_file_that_is_no_object_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    proc = _cli("--config", str(path), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
