@@ -375,18 +375,22 @@ def train(
         export_dir = None
     run_dir = dist.run_dir(run_dir)
     metrics_path = run_dir / "metrics.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory; pass "
+                          "another --run-dir.")
     if overwrite and run_dir.exists():
         _remove_run(run_dir, keep_process_dirs=dist.processes > 1)
-    if metrics_path.exists():
-        return read_json(metrics_path)
     config_path = run_dir / "config.json"
+    # Checked before a finished run is reported: its results are not this config's.
     if config_path.exists():
-        previous = read_json(config_path)
+        previous = _read_run_json(config_path)
         if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "
                 f"--config {config_path}, or pass --overwrite or another --run-dir."
             )
+    if metrics_path.exists():
+        return _read_run_json(metrics_path)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, config.to_dict())
 
@@ -493,6 +497,17 @@ def train(
     # The backup is only for resuming an unfinished run.
     shutil.rmtree(backup_dir, ignore_errors=True)
     return metrics
+
+
+def _read_run_json(path: Path) -> Any:
+    """A run's own JSON file; unreadable, it is a `ConfigError` naming the fix."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} cannot be read ({e}); pass --overwrite to train the run again, "
+            "or another --run-dir."
+        ) from None
 
 
 def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:

@@ -139,6 +139,56 @@ def test_a_config_file_that_is_no_object_exits_2_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+def _fake_finished_run(run, config):
+    """A run dir as a finished run leaves it (no training needed to test refusals)."""
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json())
+    (run / "metrics.json").write_text(json.dumps(
+        {"val_accuracy": 0.5, "test_accuracy": 0.25, "history": []}))
+
+
+def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, capsys):
+    # It used to print the finished run's results as if they were this config's.
+    from stl10_keras.train import main
+
+    run = tmp_path / "run"
+    _fake_finished_run(run, preset("smoke", "digits"))
+    flags = ["--dataset", "digits", "--preset", "smoke", "--run-dir", str(run),
+             "--no-export"]
+    assert main([*flags, "--epochs", "3"]) == 2
+    captured = capsys.readouterr()
+    assert "different config" in captured.err and "accuracy" not in captured.out
+    # The same config is still reported as the finished run it is.
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert "already holds a finished run" in out and "test accuracy 0.2500" in out
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.json"])
+def test_a_corrupted_run_file_is_one_sentence(tmp_path, capsys, name):
+    from stl10_keras.train import main
+
+    run = tmp_path / "run"
+    _fake_finished_run(run, preset("smoke", "digits"))
+    (run / name).write_text('{"train": {"epochs": 1')  # cut short
+    rc = main(["--dataset", "digits", "--preset", "smoke", "--run-dir", str(run),
+               "--no-export"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "--overwrite" in err
+    assert err.count("\n") == 1
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    from stl10_keras.train import main
+
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    rc = main(["--dataset", "digits", "--preset", "smoke", "--run-dir", str(path),
+               "--no-export"])
+    assert rc == 2 and "is a file" in capsys.readouterr().err
+    assert path.read_text() == "mine"
+
+
 # --- end to end -----------------------------------------------------------------
 
 @pytest.mark.e2e
