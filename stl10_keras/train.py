@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser)
     g = parser.add_argument_group("outputs")
     g.add_argument("--run-dir", default=None,
-                   help="run directory (default runs/DATASET_VARIANT_sSEED)")
+                   help="run directory (default runs/DATASET_VARIANT[_PRESET]_sSEED)")
     g.add_argument("--export-dir", default=None,
                    help="TF Serving model base path (default saved_models/RUN_NAME)")
     g.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
