@@ -156,9 +156,9 @@ def check_existing_runs(
 ) -> None:
     """Refuse a directory whose runs were made with another config.
 
-    `train` returns a finished run's metrics without looking at its config, so
-    without this check a rerun with, say, other `--epochs` would silently
-    report the old runs.
+    `train` refuses such a run dir too, but only when it reaches that run and
+    without naming the field; this check runs before anything trains (a rerun
+    with, say, other `--epochs`) and names the differing fields.
     """
     import json
 
