@@ -391,6 +391,11 @@ def train(
             )
     if metrics_path.exists():
         return _read_run_json(metrics_path)
+    wall0 = time.perf_counter()
+    if splits is None:
+        # Before config.json is written: a run whose data is missing leaves no
+        # run behind, so rerunning with a corrected --data-dir is not refused.
+        splits = data_lib.load_splits_for(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, config.to_dict())
 
@@ -399,9 +404,6 @@ def train(
 
     from stl10_keras.model import build_model, build_training_model
 
-    wall0 = time.perf_counter()
-    if splits is None:
-        splits = data_lib.load_splits_for(config)
     t = config.train
     keras.utils.set_random_seed(t.seed)
     keras.mixed_precision.set_global_policy(

@@ -178,6 +178,23 @@ def test_a_corrupted_run_file_is_one_sentence(tmp_path, capsys, name):
     assert err.count("\n") == 1
 
 
+def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
+        tmp_path, capsys):
+    # The offline error tells the user to pass --data-dir DIR; doing so into the
+    # same run dir used to be refused as "a run with a different config".
+    from stl10_keras.train import main
+
+    run = tmp_path / "run"
+    flags = ["--preset", "smoke", "--no-download", "--no-export", "--run-dir", str(run)]
+    assert main([*flags, "--data-dir", str(tmp_path / "nowhere")]) == 1
+    assert not (run / "config.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*flags, "--data-dir", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert "different config" not in err and err.count("error: ") == 2
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
     from stl10_keras.train import main
 
