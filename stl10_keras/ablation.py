@@ -151,14 +151,25 @@ def differing_fields(configs: Sequence[Config]) -> list[str]:
     return sorted(k for k in flat[0] if any(f[k] != flat[0][k] for f in flat[1:]))
 
 
+def _read_run_file(path: Path) -> Any:
+    """A run's config.json or metrics.json; unreadable, a `ConfigError` naming the fix."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} cannot be read ({e}); delete {path.parent} to train that run "
+            "again."
+        ) from None
+
+
 def check_existing_runs(
     plan: dict[tuple[str, int], Config], ablation_dir: Path
 ) -> None:
     """Refuse a directory whose runs were made with another config.
 
-    `train` returns a finished run's metrics without looking at its config, so
-    without this check a rerun with, say, other `--epochs` would silently
-    report the old runs.
+    `train` refuses such a run dir too, but only when it reaches that run and
+    without naming the field; this check runs before anything trains (a rerun
+    with, say, other `--epochs`) and names the differing fields.
     """
     import json
 
@@ -166,7 +177,7 @@ def check_existing_runs(
         path = ablation_dir / run_name(variant, seed) / "config.json"
         if not path.exists():
             continue
-        old = _flatten(read_json(path))
+        old = _flatten(_read_run_file(path))
         new = _flatten(json.loads(config.to_json()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -457,7 +468,7 @@ def run_ablation(
                       f"seed {seed}")
             if (run_dir / "metrics.json").exists():
                 log(f"{prefix}: skipped (finished)")
-                metrics[(variant, seed)] = read_json(run_dir / "metrics.json")
+                metrics[(variant, seed)] = _read_run_file(run_dir / "metrics.json")
             else:
                 resuming = (run_dir / "config.json").exists()
                 log(f"{prefix}: {'resuming' if resuming else 'training'} -> {run_dir}")

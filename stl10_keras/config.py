@@ -16,6 +16,7 @@ from typing import Any
 DATASETS = ("stl10", "digits")
 VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")
 PRESETS = ("default", "paper", "smoke")
+FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # as stl10_keras.augment
 
 
 class ConfigError(ValueError):
@@ -172,13 +173,20 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError("A config must be a JSON object like the config.json "
+                              "a run writes.")
         parts = {f.name: f.type for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key not in parts:
                 raise ConfigError(f"Unknown config key '{key}'; remove it from the file.")
             sub = _SECTIONS.get(key)
-            kwargs[key] = _section_from_dict(sub, value) if sub else value
+            if sub and not isinstance(value, dict):
+                raise ConfigError(f"'{key}' must be an object of {sub.__name__} "
+                                  "fields; fix it in the file.")
+            kwargs[key] = (_section_from_dict(sub, value) if sub
+                           else _checked_value(key, parts[key], value))
         config = cls(**kwargs)
         validate(config)
         return config
@@ -218,9 +226,41 @@ def _section_from_dict(cls: type, d: dict[str, Any]) -> Any:
         raise ConfigError(
             f"Unknown {cls.__name__} key(s) {sorted(unknown)}; remove them from the file."
         )
-    # JSON has no tuples: restore them so configs compare equal after a round trip.
-    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+    section = {v: k for k, v in _SECTIONS.items()}[cls]
+    fixed = {k: _checked_value(f"{section}.{k}", names[k].type, v) for k, v in d.items()}
     return cls(**fixed)
+
+
+def _checked_value(name: str, annotation: str, value: Any) -> Any:
+    """`value` as the field's type; JSON lists become tuples (round trips compare equal).
+
+    Without this a string or float in a config file reaches `validate` or keras
+    and fails there with a message that names neither the field nor the fix.
+    """
+    optional = annotation.endswith("| None")
+    kind = annotation.removesuffix("| None").strip()
+    if value is None and optional:
+        return None
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if kind == "tuple[int, ...]" and isinstance(value, (list, tuple)) \
+            and all(is_int(v) for v in value):
+        return tuple(value)
+    if kind == "int" and is_int(value):
+        return value
+    if kind == "float" and (is_int(value) or isinstance(value, float)):
+        return float(value)
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "str" and isinstance(value, str):
+        return value
+    expected = {"tuple[int, ...]": "a list of integers", "int": "an integer",
+                "float": "a number", "bool": "true or false",
+                "str": "a string"}.get(kind, kind)
+    raise ConfigError(f"{name} must be {expected}{' or null' if optional else ''}, "
+                      f"not {json.dumps(value)}; fix it in the file.")
 
 
 def apply_variant(config: Config) -> None:
@@ -280,6 +320,10 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
 def validate(config: Config) -> None:
     """Raise `ConfigError` naming the fix for any invalid value."""
     m, t, a, k, d = config.model, config.train, config.augment, config.kmeans, config.data
+    if config.preset not in PRESETS:
+        raise ConfigError(
+            f"Unknown preset '{config.preset}'; choose one of {', '.join(PRESETS)}."
+        )
     if d.dataset not in DATASETS:
         raise ConfigError(f"Unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}.")
     if config.variant not in VARIANTS:
@@ -293,6 +337,10 @@ def validate(config: Config) -> None:
             "convs_per_stage needs one positive count per stage "
             f"({len(m.widths)} stages); fix --convs-per-stage."
         )
+    if m.kernel_size < 1:
+        raise ConfigError("--kernel-size must be at least 1, e.g. 3.")
+    if m.fc_units < 1:
+        raise ConfigError("--fc-units must be at least 1, e.g. 512.")
     if m.batch_norm not in ("manual", "keras"):
         raise ConfigError("--batch-norm must be 'manual' or 'keras'.")
     if not 0.0 <= m.dropout < 1.0:
@@ -303,10 +351,26 @@ def validate(config: Config) -> None:
         raise ConfigError("--batch-size must be at least 1.")
     if t.learning_rate <= 0:
         raise ConfigError("--learning-rate must be positive.")
+    if t.lr_decay < 0:
+        raise ConfigError("--lr-decay must be 0 or more (0: a constant learning rate).")
+    if t.weight_decay < 0:
+        raise ConfigError("--weight-decay must be 0 or more (0: no weight decay).")
+    if not 0.0 <= t.momentum <= 1.0:
+        raise ConfigError("--momentum must be in [0, 1], e.g. the lab's 0.5.")
+    if not 0 <= t.seed < 2**32:
+        raise ConfigError("--seed must be an integer in 0..4294967295.")
+    if d.val_per_class is not None and d.val_per_class < 1:
+        raise ConfigError("--val-per-class must be at least 1 (validation images "
+                          "per class).")
+    if d.shuffle_buffer < 1:
+        raise ConfigError("data.shuffle_buffer must be at least 1; fix the config file.")
     if a.on not in ("device", "cpu"):
         raise ConfigError("--augment-on must be 'device' or 'cpu'.")
     if not 1.0 <= a.scale_min <= a.scale_max:
         raise ConfigError("Scale range must satisfy 1 <= min <= max; fix --scale-range.")
+    if a.fill_mode not in FILL_MODES:
+        raise ConfigError(f"augment.fill_mode must be one of {', '.join(FILL_MODES)}; "
+                          "fix the config file.")
     if not 0.0 <= a.max_translation < 1.0 or not 0.0 <= a.max_rotation_deg <= 180.0:
         raise ConfigError("Translation must be in [0, 1) and rotation in [0, 180] degrees.")
     if any(s < 1 or s > len(m.widths) for s in k.stages):
@@ -315,6 +379,13 @@ def validate(config: Config) -> None:
         )
     if k.patch_size < 1 or k.patch_size % 2 == 0:
         raise ConfigError("--kmeans-patch-size must be a positive odd number, e.g. 3 or 7.")
+    if k.num_images < 1:
+        raise ConfigError("--kmeans-images must be at least 1, e.g. 10000.")
+    if k.patches_per_image < 1:
+        raise ConfigError("--kmeans-patches-per-image must be at least 1, e.g. 20.")
+    if k.batch_size < 1 or k.max_iter < 1 or k.zca_epsilon <= 0:
+        raise ConfigError("kmeans.batch_size and kmeans.max_iter must be at least 1 "
+                          "and kmeans.zca_epsilon positive; fix the config file.")
     if 1 in k.stages and k.patch_size != m.kernel_size:
         raise ConfigError(
             f"--kmeans-patch-size ({k.patch_size}) must equal the conv kernel size "

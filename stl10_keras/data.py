@@ -276,8 +276,13 @@ def _extract_stl10(archive: Path, dest: Path) -> Path:
                     bar.update(member.size)
     except (tarfile.TarError, OSError, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # tarfile.open's ReadError lists every compression it tried, one per line.
+        reason = ("not a readable tar archive"
+                  if isinstance(e, tarfile.ReadError) and str(e).startswith("file could")
+                  else " ".join(str(e).split()))
         raise DataUnavailableError(
-            f"Could not extract {archive} ({e}); download stl10_binary.tar.gz again."
+            f"Could not extract {archive} ({reason}); download stl10_binary.tar.gz "
+            "again."
         ) from None
     if not (tmp / "train_X.bin").exists():
         shutil.rmtree(tmp, ignore_errors=True)

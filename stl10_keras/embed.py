@@ -629,6 +629,8 @@ def embed(
                          "at least 1.")
     if tsne and perplexity <= 0:
         raise EmbedError(f"--perplexity must be positive, got {perplexity}.")
+    if not 0 <= seed < 2**32:  # numpy's seeds; a negative one was a traceback
+        raise EmbedError(f"--seed must be an integer in 0..4294967295, got {seed}.")
 
     from stl10_keras import data as data_lib
     from stl10_keras.model import load_model, stage_output_names

@@ -267,7 +267,7 @@ def _window_plan(layers, patch_size: int, image_hw) -> _WindowPlan:
         sizes.append(tuple(layer.compute_output_shape((1, *sizes[-1], 1))[1:3]))
     k = patch_size
     if sizes[-1][0] < k or sizes[-1][1] < k:
-        raise ValueError(
+        raise ConfigError(
             f"The layer input is {sizes[-1][0]}x{sizes[-1][1]}, smaller than the "
             f"{k}x{k} patches; use a smaller --kmeans-patch-size or larger images."
         )
@@ -286,7 +286,7 @@ def _window_plan(layers, patch_size: int, image_hw) -> _WindowPlan:
             low[axis] = max(low[axis], -(offset // stride))
             high[axis] = min(high[axis], (hw[axis] - size - offset) // stride)
     if low[0] > high[0] or low[1] > high[1]:
-        raise ValueError(
+        raise ConfigError(
             f"Images of {sizes[0][0]}x{sizes[0][1]} are too small for patches whose "
             "receptive field avoids the convs' zero padding; use larger images."
         )

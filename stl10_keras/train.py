@@ -178,7 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(parser)
     g = parser.add_argument_group("outputs")
     g.add_argument("--run-dir", default=None,
-                   help="run directory (default runs/DATASET_VARIANT_sSEED)")
+                   help="run directory (default runs/DATASET_VARIANT[_PRESET]_sSEED)")
     g.add_argument("--export-dir", default=None,
                    help="TF Serving model base path (default saved_models/RUN_NAME)")
     g.add_argument("--no-export", action="store_true", help="skip the SavedModel export")
@@ -375,18 +375,27 @@ def train(
         export_dir = None
     run_dir = dist.run_dir(run_dir)
     metrics_path = run_dir / "metrics.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory; pass "
+                          "another --run-dir.")
     if overwrite and run_dir.exists():
         _remove_run(run_dir, keep_process_dirs=dist.processes > 1)
-    if metrics_path.exists():
-        return read_json(metrics_path)
     config_path = run_dir / "config.json"
+    # Checked before a finished run is reported: its results are not this config's.
     if config_path.exists():
-        previous = read_json(config_path)
+        previous = _read_run_json(config_path)
         if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "
                 f"--config {config_path}, or pass --overwrite or another --run-dir."
             )
+    if metrics_path.exists():
+        return _read_run_json(metrics_path)
+    wall0 = time.perf_counter()
+    if splits is None:
+        # Before config.json is written: a run whose data is missing leaves no
+        # run behind, so rerunning with a corrected --data-dir is not refused.
+        splits = data_lib.load_splits_for(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, config.to_dict())
 
@@ -395,9 +404,6 @@ def train(
 
     from stl10_keras.model import build_model, build_training_model
 
-    wall0 = time.perf_counter()
-    if splits is None:
-        splits = data_lib.load_splits_for(config)
     t = config.train
     keras.utils.set_random_seed(t.seed)
     keras.mixed_precision.set_global_policy(
@@ -493,6 +499,17 @@ def train(
     # The backup is only for resuming an unfinished run.
     shutil.rmtree(backup_dir, ignore_errors=True)
     return metrics
+
+
+def _read_run_json(path: Path) -> Any:
+    """A run's own JSON file; unreadable, it is a `ConfigError` naming the fix."""
+    try:
+        return read_json(path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{path} cannot be read ({e}); pass --overwrite to train the run again, "
+            "or another --run-dir."
+        ) from None
 
 
 def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:

@@ -229,6 +229,23 @@ def test_bad_flag_from_the_command_line_has_no_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("broken", ["config.json", "metrics.json"])
+def test_a_corrupted_run_file_is_one_sentence(broken, tmp_path, capsys):
+    # Was a JSONDecodeError traceback. baseline_s0 is the first run, so the
+    # error comes before anything trains.
+    plan = ablation.plan_configs(ablation.build_parser().parse_args(SMOKE))
+    run = tmp_path / "baseline_s0"
+    run.mkdir()
+    (run / "config.json").write_text(plan[("baseline", 0)].to_json())
+    (run / "metrics.json").write_text('{"val_accuracy": 0.')  # cut short
+    (run / broken).write_text('{"val_accuracy": 0.')
+    code = ablation.main([*SMOKE, "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
+    assert f"{run / broken} cannot be read" in err and f"delete {run}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baseline_s0"]
+
+
 def test_ctrl_c_says_a_rerun_resumes(monkeypatch, tmp_path, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

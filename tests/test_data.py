@@ -135,6 +135,19 @@ def test_stl10_tarball_is_extracted_once(tmp_path):
     assert not (archive_dir / ".stl10_binary.partial").exists()
 
 
+@pytest.mark.parametrize("content", [b"junk\n", b""])
+def test_a_broken_tarball_is_one_sentence(tmp_path, content):
+    # tarfile's own message for a file that is no archive spans five lines.
+    (tmp_path / "stl10_binary.tar.gz").write_bytes(content)
+    with pytest.raises(tarfile.ReadError):  # the reference: tarfile refuses it
+        tarfile.open(tmp_path / "stl10_binary.tar.gz")
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_splits("stl10", data_dir=str(tmp_path), val_per_class=1)
+    message = str(info.value)
+    assert "\n" not in message and "download stl10_binary.tar.gz again" in message
+    assert not (tmp_path / ".stl10_binary.partial").exists()
+
+
 def test_stl10_truncated_file_is_reported(tmp_path):
     _write_stl10(tmp_path / "stl10_binary")
     with open(tmp_path / "stl10_binary" / "test_X.bin", "ab") as f:

@@ -341,6 +341,19 @@ def test_unknown_layer_lists_the_valid_ones(digits_run):
     assert "pixels, stage1, stage2, stage3, stage4, stage5, fc1" in message
 
 
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_numpy_cannot_take_is_refused_before_any_work(tmp_path, seed):
+    # The check comes before the data and the model are loaded, so a run dir
+    # with a placeholder model.keras is enough.
+    (tmp_path / "model.keras").write_bytes(b"")
+    (tmp_path / "config.json").write_text(preset("smoke", "digits").to_json())
+    with pytest.raises(embed_lib.EmbedError, match="--seed must be"):
+        embed_lib.embed(tmp_path, seed=seed, progress=False)
+    with pytest.raises(ValueError):  # the reference: what numpy does with it
+        np.random.default_rng(seed).permutation(3) if seed < 0 else \
+            np.random.RandomState(seed)
+
+
 @pytest.mark.parametrize("value", ["0", "-3", "49"])
 def test_bad_max_points_is_refused(digits_run, value):
     message = _one_sentence_error(

@@ -303,6 +303,23 @@ def test_patch_size_must_match_first_kernel():
                        stages=(1,), progress=False)
 
 
+@pytest.mark.parametrize("kernel, stages, needle", [
+    (17, (1,), "smaller than the 17x17 patches"),    # stage 1's input is 16x16
+    (9, (1, 2), "smaller than the 9x9 patches"),     # stage 2's input is 8x8
+])
+def test_patches_larger_than_the_layer_input_are_a_config_error(kernel, stages,
+                                                                 needle):
+    # A user's flags (--kernel-size / --kmeans-patch-size too large for the
+    # images) cause this, so the train command must report it as a ConfigError
+    # (one sentence, exit code 2), not let a ValueError escape as a traceback.
+    config = smoke_config(patch_size=kernel, num_images=8)
+    config.model.kernel_size = kernel
+    model = build_model(config, (16, 16, 3))
+    with pytest.raises(ConfigError, match=needle):
+        km.kmeans_init(model, config, lambda: batches_of(smooth_images(8), 8),
+                       stages=stages, progress=False)
+
+
 # --- figures -----------------------------------------------------------------
 
 

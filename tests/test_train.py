@@ -56,6 +56,21 @@ def test_variants_set_augmentation_and_kmeans_stages():
     (["--widths", "8,16", "--convs-per-stage", "1"], "convs_per_stage"),
     (["--scale-range", "0.5,1.0"], "--scale-range"),
     (["--kmeans-patch-size", "7"], "--kernel-size"),
+    # Each of these used to reach keras, numpy or tf.data and end in a traceback
+    # (or, for a negative --val-per-class / --weight-decay, train silently on a
+    # nonsense split or with an L2 *reward*).
+    (["--kernel-size", "0"], "--kernel-size must be at least 1"),
+    (["--fc-units", "0"], "--fc-units"),
+    (["--fc-units=-5"], "--fc-units"),
+    (["--lr-decay=-1"], "--lr-decay"),
+    (["--weight-decay=-1"], "--weight-decay"),
+    (["--momentum=-0.1"], "--momentum"),
+    (["--momentum", "2"], "--momentum"),
+    (["--seed=-1"], "--seed"),
+    (["--val-per-class", "0"], "--val-per-class"),
+    (["--val-per-class=-1"], "--val-per-class"),
+    (["--kmeans-images", "0"], "--kmeans-images"),
+    (["--kmeans-patches-per-image", "0"], "--kmeans-patches-per-image"),
 ])
 def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
     args = build_parser().parse_args(["--dataset", "digits", *flags])
@@ -63,10 +78,132 @@ def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
         config_from_args(args)
 
 
+@pytest.mark.parametrize("section, key, value, needle", [
+    ("augment", "fill_mode", "mirror", "fill_mode"),
+    ("data", "shuffle_buffer", 0, "shuffle_buffer"),
+    ("kmeans", "zca_epsilon", 0.0, "zca_epsilon"),
+])
+def test_bad_config_file_values_name_the_field(tmp_path, section, key, value, needle):
+    d = preset("smoke", "digits").to_dict()
+    d[section][key] = value
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ConfigError, match=needle):
+        Config.from_file(path)
+
+
+@pytest.mark.parametrize("text, needle", [
+    ("[1, 2]", "must be a JSON object"),                      # was an AttributeError
+    ('{"data": 5}', "'data' must be an object"),
+    ('{"train": {"epochs": "3"}}', 'train.epochs must be an integer, not "3"'),
+    ('{"train": {"epochs": 2.5}}', "train.epochs must be an integer"),  # was accepted
+    ('{"train": {"epochs": null}}', "train.epochs must be an integer"),
+    ('{"model": {"widths": 8}}', "model.widths must be a list of integers"),
+    ('{"model": {"widths": [8, 16.5]}}', "model.widths must be a list of integers"),
+    ('{"augment": {"flip": "no"}}', "augment.flip must be true or false"),
+    ('{"preset": "huge"}', "Unknown preset 'huge'"),
+])
+def test_a_malformed_config_file_is_one_sentence_naming_the_field(tmp_path, text,
+                                                                  needle):
+    path = tmp_path / "config.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=needle):
+        Config.from_file(path)
+
+
+def test_config_file_nulls_and_numbers_that_json_allows_still_load(tmp_path):
+    # An int where a float is expected is fine, and so are the optional fields'
+    # nulls; the result equals the preset built in Python.
+    want = preset("smoke", "digits")
+    d = want.to_dict()
+    d["train"]["learning_rate"] = 1
+    want.train.learning_rate = 1.0
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(d))
+    got = Config.from_file(path)
+    assert got == want and got.data.data_dir is None and got.data.val_per_class is None
+    assert isinstance(got.train.learning_rate, float)
+
+
 def test_bad_flag_exits_nonzero_without_traceback(tmp_path):
     proc = _cli("--dataset", "digits", "--epochs", "0", "--run-dir", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_a_config_file_that_is_no_object_exits_2_without_traceback(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text("[1, 2]")
+    proc = _cli("--config", str(path), "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def _fake_finished_run(run, config):
+    """A run dir as a finished run leaves it (no training needed to test refusals)."""
+    run.mkdir()
+    (run / "config.json").write_text(config.to_json())
+    (run / "metrics.json").write_text(json.dumps(
+        {"val_accuracy": 0.5, "test_accuracy": 0.25, "history": []}))
+
+
+def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, capsys):
+    # It used to print the finished run's results as if they were this config's.
+    from stl10_keras.train import main
+
+    run = tmp_path / "run"
+    _fake_finished_run(run, preset("smoke", "digits"))
+    flags = ["--dataset", "digits", "--preset", "smoke", "--run-dir", str(run),
+             "--no-export"]
+    assert main([*flags, "--epochs", "3"]) == 2
+    captured = capsys.readouterr()
+    assert "different config" in captured.err and "accuracy" not in captured.out
+    # The same config is still reported as the finished run it is.
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert "already holds a finished run" in out and "test accuracy 0.2500" in out
+
+
+@pytest.mark.parametrize("name", ["config.json", "metrics.json"])
+def test_a_corrupted_run_file_is_one_sentence(tmp_path, capsys, name):
+    from stl10_keras.train import main
+
+    run = tmp_path / "run"
+    _fake_finished_run(run, preset("smoke", "digits"))
+    (run / name).write_text('{"train": {"epochs": 1')  # cut short
+    rc = main(["--dataset", "digits", "--preset", "smoke", "--run-dir", str(run),
+               "--no-export"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "--overwrite" in err
+    assert err.count("\n") == 1
+
+
+def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
+        tmp_path, capsys):
+    # The offline error tells the user to pass --data-dir DIR; doing so into the
+    # same run dir used to be refused as "a run with a different config".
+    from stl10_keras.train import main
+
+    run = tmp_path / "run"
+    flags = ["--preset", "smoke", "--no-download", "--no-export", "--run-dir", str(run)]
+    assert main([*flags, "--data-dir", str(tmp_path / "nowhere")]) == 1
+    assert not (run / "config.json").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([*flags, "--data-dir", str(empty)]) == 1
+    err = capsys.readouterr().err
+    assert "different config" not in err and err.count("error: ") == 2
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
+    from stl10_keras.train import main
+
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    rc = main(["--dataset", "digits", "--preset", "smoke", "--run-dir", str(path),
+               "--no-export"])
+    assert rc == 2 and "is a file" in capsys.readouterr().err
+    assert path.read_text() == "mine"
 
 
 # --- end to end -----------------------------------------------------------------
@@ -186,3 +323,26 @@ def test_default_variant_kmeans12_writes_the_figures_and_kmeans_record(tmp_path)
     tags = set(events.Tags()["tensors"])
     assert {"figure3_augmentation", "figure1_kmeans_centroids_3x3",
             "figure2_filters_stage1"} <= tags
+
+
+def test_readme_documents_every_train_flag_and_the_run_names():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Training:")[1].split("### The model")[0]
+    # Augmentation and k-means flags are documented in their own sections.
+    through_kmeans = readme.split("## Training:")[1].split("## Ablation")[0]
+    parser = build_parser()
+    options = {o for a in parser._actions for o in a.option_strings
+               if o.startswith("--") and o != "--help"}
+    flags = re.compile(r"[`/](--[a-z][a-z-]*)")  # `--augment/--no-augment`
+    assert options - set(flags.findall(through_kmeans)) == set()  # each is documented
+    assert set(flags.findall(section)) - options == set()  # no missing flag is
+    # The documented default names, for each kind of preset.
+    assert "`runs/DATASET_VARIANT[_PRESET]_sSEED`" in section
+    from stl10_keras.train import default_run_name
+
+    assert default_run_name(preset("default", "digits")) == "digits_kmeans12_s0"
+    assert default_run_name(preset("smoke", "digits", "baseline")) \
+        == "digits_baseline_smoke_s0"
+    assert preset("smoke", "digits").train.epochs == 1  # README: smoke keeps 1 epoch
