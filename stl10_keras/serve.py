@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -817,6 +818,18 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _host(text: str) -> str:
+    # Resolved here, so a typo is a usage error before TensorFlow loads (waitress
+    # would raise a bare ValueError after the model is loaded).
+    try:
+        socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' does not resolve to an address; pass 127.0.0.1, 0.0.0.0 "
+            "or an address of this machine") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stl10_keras.serve",
@@ -832,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=8501,
                         help="TCP port (default 8501, TF Serving's REST port; 0: any "
                              "free port)")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", type=_host, default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; "
                              "0.0.0.0 exposes it to the network)")
     parser.add_argument("--max-body-mb", type=_positive(float),

@@ -405,6 +405,38 @@ def test_cli_refuses_to_start_without_a_valid_version(tmp_path, layout):
     assert proc.stdout == ""
 
 
+def test_cli_refuses_a_host_that_does_not_resolve_without_a_traceback(exported):
+    _, base = exported
+    proc = subprocess.run(
+        _serve_cli("--model-base-path", str(base), "--host", "no-such-host.invalid",
+                   "--port", "0"),
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--host" in last and "no-such-host.invalid" in last and "127.0.0.1" in last
+
+
+@pytest.mark.e2e
+def test_cli_reports_a_port_in_use_in_one_line(exported):
+    import socket
+
+    _, base = exported
+    with socket.socket() as taken:  # an independent listener holds the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            _serve_cli("--model-base-path", str(base), "--port", str(port)),
+            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+            timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0]
+    assert "--port" in errors[0] and proc.stdout == ""
+
+
 @pytest.mark.e2e
 def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
     _, base = exported
