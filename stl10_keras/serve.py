@@ -379,6 +379,15 @@ def _numeric_input(name: str, value: Any, spec, row: bool,
         array = np.asarray(value)
     except (ValueError, TypeError):
         array = None  # ragged: rows of different lengths
+    if array is not None and array.dtype == object and dtype.kind in "iu":
+        # Rectangular, but an integer beyond 64 bits made numpy keep Python ints.
+        huge = [v for v in array.flat if isinstance(v, int) and not isinstance(v, bool)
+                and not np.iinfo(dtype).min <= v <= np.iinfo(dtype).max]
+        if huge and all(isinstance(v, (int, float)) for v in array.flat):
+            info = np.iinfo(dtype)
+            raise RequestError(400, f"Input '{name}' must hold whole numbers "
+                               f"{info.min}..{info.max} ({dtype_name}); found "
+                               f"{huge[0]!r}.")
     if array is None or array.dtype == object:
         if row and isinstance(value, list):
             for i, item in enumerate(value):
