@@ -624,7 +624,7 @@ def _parse_json(data: bytes) -> Any:
 
 def _too_large(max_body_bytes: int) -> str:
     return (f"The request body is larger than this server's limit of "
-            f"{max_body_bytes / 2**20:g} MB; send fewer instances per request or "
+            f"{max_body_bytes / 2**20:.4g} MB; send fewer instances per request or "
             "restart the server with a larger --max-body-mb.")
 
 

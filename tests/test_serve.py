@@ -302,6 +302,15 @@ def test_a_huge_content_length_is_refused_before_the_body_is_sent(url):
         connection.close()
 
 
+def test_a_fractional_max_body_mb_is_named_as_given(exported):
+    _, base = exported
+    limit = int(0.1 * 2**20)  # --max-body-mb 0.1, as main() converts it
+    with running_server(base, max_body_bytes=limit) as url:
+        status, reply = call(f"{url}:predict", raw=b" " * (limit + 1000))
+    assert status == 413
+    assert "limit of 0.1 MB" in reply["error"], reply
+
+
 def test_unknown_model_and_path_are_404_and_the_server_keeps_serving(url):
     root = url.rsplit("/v1/", 1)[0]
     status, reply = call(f"{root}/v1/models/other:predict", {"instances": [[0]]})
