@@ -883,6 +883,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
     repository = ModelRepository(args.model_base_path, args.model_name, freeze_gc=True)
+    if not re.fullmatch(r"[^/:]+", repository.name):
+        # TF Serving's URL cannot address it: /v1/models/NAME ends at '/' or ':'.
+        print(f"error: the model name '{repository.name}' holds '/' or ':', so no URL "
+              "can address it; pass a --model-name without them.", file=sys.stderr)
+        return 2
     try:
         # A missing or empty base path fails here, before TensorFlow is loaded.
         servable = repository.start()

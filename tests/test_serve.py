@@ -429,6 +429,19 @@ def test_cli_refuses_a_host_that_does_not_resolve_without_a_traceback(exported):
     assert "--host" in last and "no-such-host.invalid" in last and "127.0.0.1" in last
 
 
+@pytest.mark.parametrize("name", ["a/b", "v1:predict"])
+def test_cli_refuses_a_model_name_no_url_can_address(exported, name):
+    _, base = exported
+    proc = subprocess.run(
+        _serve_cli("--model-base-path", str(base), "--model-name", name, "--port", "0"),
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert name in lines[0] and "--model-name" in lines[0]
+    assert proc.stdout == ""
+
+
 @pytest.mark.e2e
 def test_cli_reports_a_port_in_use_in_one_line(exported):
     import socket
