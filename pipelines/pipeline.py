@@ -137,6 +137,8 @@ def create_pipeline(
             f"{accuracy_threshold:g}; e.g. --accuracy-threshold 0.5.")
     if num_shards < 1:
         raise ConfigError(f"--num-shards must be at least 1, got {num_shards}.")
+    # 0 and 0.0 are one threshold; as written in JSON they would be two fingerprints.
+    accuracy_threshold = float(accuracy_threshold)
     root = Path(pipeline_root)
     serving = Path(serving_dir)
     progress = verbose > 0
