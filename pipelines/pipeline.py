@@ -141,6 +141,10 @@ def create_pipeline(
     accuracy_threshold = float(accuracy_threshold)
     root = Path(pipeline_root)
     serving = Path(serving_dir)
+    if serving.exists() and not serving.is_dir():
+        raise ConfigError(
+            f"--serving-dir {serving} is a file, not a TF Serving model base path; "
+            "pass a folder such as saved_models/NAME.")
     progress = verbose > 0
     d = config.data
     eg = example_gen_parameters(config, num_shards)

@@ -364,6 +364,20 @@ def test_a_bad_flag_is_one_sentence_and_exit_code_2(tmp_path):
     assert not (tmp_path / "root").exists()
 
 
+def test_a_serving_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "serving").write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", *FLAGS,
+         "--pipeline-root", str(tmp_path / "root"),
+         "--serving-dir", str(tmp_path / "serving")],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: --serving-dir {tmp_path / 'serving'} is a "
+                                  "file")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "root").exists()
+
+
 def test_missing_stl10_fails_at_example_gen_naming_the_fix(tmp_path):
     dirs = {"root": tmp_path / "root", "serving": tmp_path / "serving"}
     (tmp_path / "empty").mkdir()
