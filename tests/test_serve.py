@@ -487,3 +487,24 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
             proc.communicate()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "Stopped." in stderr
+
+
+# --- benchmarks/serve.py --------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, code, needle", [
+    (["--batches", "1,x"], 2, "--batches takes integers"),
+    (["--seconds", "nan"], 2, "--seconds"),
+    (["--threads", "0"], 2, "--threads"),
+    # The server's own sentence, not "the server did not start ('')".
+    (["--model-base-path", "{tmp}/missing"], 1, "{tmp}/missing does not exist"),
+])
+def test_serve_benchmark_bad_flags_get_one_sentence(tmp_path, flags, code, needle):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), *flags],
+        cwd=ROOT, env=subprocess_env(), capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert needle.format(tmp=tmp_path) in last
