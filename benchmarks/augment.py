@@ -193,6 +193,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:
         parser.error("--batch-sizes takes integers separated by commas, e.g. 32,256.")
+    if min(batch_sizes) < 1:
+        parser.error("--batch-sizes must be >= 1, e.g. 32,256.")
 
     rng = np.random.default_rng(0)
     print(

@@ -110,6 +110,8 @@ def main() -> None:
     parser.add_argument("--out", default=None,
                         help="folder for the centroid/filter figures")
     args = parser.parse_args()
+    if args.images < 1 or args.patches_per_image < 1:
+        parser.error("--images and --patches-per-image must be >= 1.")
 
     config = preset("default", variant="kmeans12")
     config.kmeans.num_images = args.images

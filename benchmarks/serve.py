@@ -28,6 +28,7 @@ import datetime
 import http.client
 import io
 import json
+import math
 import os
 import select
 import signal
@@ -77,18 +78,26 @@ def request_body(images: np.ndarray, signature: str) -> bytes:
 
 def start_server(base: Path, threads: int) -> tuple[subprocess.Popen, str, int]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    # stderr to a file, not a pipe: nobody reads it while the server runs, and
+    # a full pipe would block it; if it does not start, its error line is there.
+    stderr = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "stl10_keras.serve", "--model-base-path", str(base),
          "--model-name", NAME, "--port", "0", "--threads", str(threads),
          "--max-body-mb", "64"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     if not select.select([proc.stdout], [], [], 300)[0]:
         proc.kill()
         raise SystemExit("error: the server printed nothing in 300 s.")
     line = proc.stdout.readline()
     if not line.startswith("Serving"):
         proc.kill()
-        raise SystemExit(f"error: the server did not start ({line.strip()!r}).")
+        proc.wait()
+        stderr.seek(0)
+        errors = [ln for ln in stderr.read().splitlines() if ln.startswith("error:")]
+        raise SystemExit(errors[-1] if errors else
+                         f"error: the server did not start ({line.strip()!r}).")
+    stderr.close()
     address = line.split("http://", 1)[1].split("/", 1)[0]
     host, port = address.rsplit(":", 1)
     return proc, host, int(port)
@@ -153,11 +162,14 @@ def main() -> int:
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--signatures", default="default,bytes")
     args = parser.parse_args()
-    batches = [int(b) for b in args.batches.split(",")]
+    try:
+        batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        parser.error("--batches takes integers separated by commas, e.g. 1,32.")
     signatures = args.signatures.split(",")
-    if args.clients < 1 or args.seconds <= 0 or min(batches) < 1 or not set(
-            signatures) <= {"default", "bytes"}:
-        parser.error("--clients, --seconds and --batches must be positive; "
+    if (args.clients < 1 or args.threads < 1 or not 0 < args.seconds < math.inf
+            or min(batches) < 1 or not set(signatures) <= {"default", "bytes"}):
+        parser.error("--clients, --threads, --seconds and --batches must be positive; "
                      "--signatures takes default and/or bytes.")
 
     with tempfile.TemporaryDirectory() as tmp:

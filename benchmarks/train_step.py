@@ -63,6 +63,15 @@ def main() -> None:
     p.add_argument("--jit", default="off,on",
                    help="comma-separated XLA settings to compare: off, on, auto")
     args = p.parse_args()
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        p.error("--widths takes integers separated by commas, e.g. 64,128,256,512,512.")
+    if not set(args.jit.split(",")) <= {"off", "on", "auto"}:
+        p.error("--jit takes off, on and/or auto, e.g. off,on.")
+    if min(args.image_size, args.batch_size, args.steps, args.rounds, *widths) < 1:
+        p.error("--image-size, --batch-size, --steps, --rounds and --widths must be "
+                ">= 1.")
 
     rng = np.random.default_rng(0)
     s = args.image_size

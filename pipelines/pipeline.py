@@ -137,8 +137,14 @@ def create_pipeline(
             f"{accuracy_threshold:g}; e.g. --accuracy-threshold 0.5.")
     if num_shards < 1:
         raise ConfigError(f"--num-shards must be at least 1, got {num_shards}.")
+    # 0 and 0.0 are one threshold; as written in JSON they would be two fingerprints.
+    accuracy_threshold = float(accuracy_threshold)
     root = Path(pipeline_root)
     serving = Path(serving_dir)
+    if serving.exists() and not serving.is_dir():
+        raise ConfigError(
+            f"--serving-dir {serving} is a file, not a TF Serving model base path; "
+            "pass a folder such as saved_models/NAME.")
     progress = verbose > 0
     d = config.data
     eg = example_gen_parameters(config, num_shards)

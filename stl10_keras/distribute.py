@@ -487,7 +487,9 @@ def _setup_data_parallel(options: DistributionOptions,
             platform_devices = jax.devices(request.kind)
         except RuntimeError:
             raise ConfigError(f"--devices asks for {request.kind} devices, but JAX "
-                              f"has none (it has {jax.devices()[0].platform}).") from None
+                              f"has none (it has {jax.devices()[0].platform}); pass "
+                              "cpu:0,cpu:1 to test on the CPU, or run where JAX sees "
+                              "GPUs.") from None
         devices = []
         for p in range(processes):
             local = sorted((d for d in platform_devices if d.process_index == p),

@@ -27,6 +27,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -378,6 +379,15 @@ def _numeric_input(name: str, value: Any, spec, row: bool,
         array = np.asarray(value)
     except (ValueError, TypeError):
         array = None  # ragged: rows of different lengths
+    if array is not None and array.dtype == object and dtype.kind in "iu":
+        # Rectangular, but an integer beyond 64 bits made numpy keep Python ints.
+        huge = [v for v in array.flat if isinstance(v, int) and not isinstance(v, bool)
+                and not np.iinfo(dtype).min <= v <= np.iinfo(dtype).max]
+        if huge and all(isinstance(v, (int, float)) for v in array.flat):
+            info = np.iinfo(dtype)
+            raise RequestError(400, f"Input '{name}' must hold whole numbers "
+                               f"{info.min}..{info.max} ({dtype_name}); found "
+                               f"{huge[0]!r}.")
     if array is None or array.dtype == object:
         if row and isinstance(value, list):
             for i, item in enumerate(value):
@@ -614,7 +624,7 @@ def _parse_json(data: bytes) -> Any:
 
 def _too_large(max_body_bytes: int) -> str:
     return (f"The request body is larger than this server's limit of "
-            f"{max_body_bytes / 2**20:g} MB; send fewer instances per request or "
+            f"{max_body_bytes / 2**20:.4g} MB; send fewer instances per request or "
             "restart the server with a larger --max-body-mb.")
 
 
@@ -817,6 +827,18 @@ def _port(text: str) -> int:
     return int(text)
 
 
+def _host(text: str) -> str:
+    # Resolved here, so a typo is a usage error before TensorFlow loads (waitress
+    # would raise a bare ValueError after the model is loaded).
+    try:
+        socket.getaddrinfo(text, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        raise argparse.ArgumentTypeError(
+            f"'{text}' does not resolve to an address; pass 127.0.0.1, 0.0.0.0 "
+            "or an address of this machine") from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stl10_keras.serve",
@@ -832,7 +854,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=_port, default=8501,
                         help="TCP port (default 8501, TF Serving's REST port; 0: any "
                              "free port)")
-    parser.add_argument("--host", default="127.0.0.1",
+    parser.add_argument("--host", type=_host, default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; "
                              "0.0.0.0 exposes it to the network)")
     parser.add_argument("--max-body-mb", type=_positive(float),
@@ -861,6 +883,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, _interrupt)
     repository = ModelRepository(args.model_base_path, args.model_name, freeze_gc=True)
+    if not re.fullmatch(r"[^/:]+", repository.name):
+        # TF Serving's URL cannot address it: /v1/models/NAME ends at '/' or ':'.
+        print(f"error: the model name '{repository.name}' holds '/' or ':', so no URL "
+              "can address it; pass a --model-name without them.", file=sys.stderr)
+        return 2
     try:
         # A missing or empty base path fails here, before TensorFlow is loaded.
         servable = repository.start()

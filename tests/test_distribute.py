@@ -105,6 +105,21 @@ def test_cli_refuses_bad_distribution_flags_with_exit_code_2(flags, needle, caps
     assert not (tmp_path / "run").exists()
 
 
+@needs_jax
+def test_jax_devices_that_do_not_exist_are_refused_naming_the_fix(tmp_path):
+    # JAX_PLATFORMS=cpu: JAX has no GPU on any machine, so the sentence must
+    # say what to pass instead (it used to stop at "but JAX has none").
+    proc = subprocess.run(
+        [sys.executable, "-m", "stl10_keras.train", *TINY, "--distribution",
+         "data-parallel", "--devices", "gpu:63", "--run-dir", str(tmp_path / "run")],
+        cwd=ROOT, env=subprocess_env(KERAS_BACKEND="jax", JAX_PLATFORMS="cpu"),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr
+    assert "--devices" in errors[0] and "pass cpu:0,cpu:1" in errors[0]
+
+
 # --- per-process shards of each global batch ----------------------------------------
 
 def _reference_shard(batch, replicas, processes, process_id):

@@ -232,6 +232,20 @@ def test_a_rerun_does_no_work(first, dirs):
     assert out.count("cached") == 5
 
 
+def test_the_python_api_with_a_whole_number_threshold_is_the_same_run(first, dirs):
+    # `accuracy_threshold=0` is the CLI's `--accuracy-threshold 0` (0.0): same run.
+    from pipelines.pipeline import create_pipeline, run_pipeline
+    from pipelines.run import build_parser
+    from stl10_keras.train import config_from_args
+
+    config = config_from_args(build_parser().parse_args(FLAGS))
+    pipeline = create_pipeline(config, dirs["root"], dirs["serving"],
+                               accuracy_threshold=0, num_shards=3, verbose=0)
+    summary = run_pipeline(pipeline, log=lambda line: None)
+    assert statuses(summary) == ["cached"] * 5
+    assert summary["artifacts"] == first["artifacts"]
+
+
 def test_a_new_trainer_parameter_reruns_trainer_evaluator_and_pusher(first, dirs):
     code, _, err, summary = run(dirs, "--learning-rate", "0.02")
     assert code == 0, err[-3000:]
@@ -346,6 +360,20 @@ def test_a_bad_flag_is_one_sentence_and_exit_code_2(tmp_path):
         cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: --accuracy-threshold must be in [0, 1]")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert not (tmp_path / "root").exists()
+
+
+def test_a_serving_dir_that_is_a_file_is_refused_before_any_work(tmp_path):
+    (tmp_path / "serving").write_text("not a folder")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipelines.run", *FLAGS,
+         "--pipeline-root", str(tmp_path / "root"),
+         "--serving-dir", str(tmp_path / "serving")],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: --serving-dir {tmp_path / 'serving'} is a "
+                                  "file")
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "root").exists()
 

@@ -246,6 +246,9 @@ BAD_REQUESTS = [
      {"instances": np.full((1, 32, 32, 3), 300.5).tolist()}, 400, "0..255"),
     ("negative", ":predict", "POST",
      {"inputs": np.full((1, 32, 32, 3), -1).tolist()}, 400, "0..255"),
+    ("beyond 64 bits", ":predict", "POST",
+     {"instances": [[[[2**70, 0, 0]] * 32] * 32]}, 400,
+     f"0..255 (uint8); found {2**70}"),
     ("fraction", ":predict", "POST",
      {"instances": np.full((1, 32, 32, 3), 12.5).tolist()}, 400, "12.5"),
     ("strings as pixels", ":predict", "POST",
@@ -297,6 +300,15 @@ def test_a_huge_content_length_is_refused_before_the_body_is_sent(url):
         assert "--max-body-mb" in json.loads(response.read())["error"]
     finally:
         connection.close()
+
+
+def test_a_fractional_max_body_mb_is_named_as_given(exported):
+    _, base = exported
+    limit = int(0.1 * 2**20)  # --max-body-mb 0.1, as main() converts it
+    with running_server(base, max_body_bytes=limit) as url:
+        status, reply = call(f"{url}:predict", raw=b" " * (limit + 1000))
+    assert status == 413
+    assert "limit of 0.1 MB" in reply["error"], reply
 
 
 def test_unknown_model_and_path_are_404_and_the_server_keeps_serving(url):
@@ -405,6 +417,51 @@ def test_cli_refuses_to_start_without_a_valid_version(tmp_path, layout):
     assert proc.stdout == ""
 
 
+def test_cli_refuses_a_host_that_does_not_resolve_without_a_traceback(exported):
+    _, base = exported
+    proc = subprocess.run(
+        _serve_cli("--model-base-path", str(base), "--host", "no-such-host.invalid",
+                   "--port", "0"),
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "--host" in last and "no-such-host.invalid" in last and "127.0.0.1" in last
+
+
+@pytest.mark.parametrize("name", ["a/b", "v1:predict"])
+def test_cli_refuses_a_model_name_no_url_can_address(exported, name):
+    _, base = exported
+    proc = subprocess.run(
+        _serve_cli("--model-base-path", str(base), "--model-name", name, "--port", "0"),
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert name in lines[0] and "--model-name" in lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.mark.e2e
+def test_cli_reports_a_port_in_use_in_one_line(exported):
+    import socket
+
+    _, base = exported
+    with socket.socket() as taken:  # an independent listener holds the port
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            _serve_cli("--model-base-path", str(base), "--port", str(port)),
+            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+            timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0]
+    assert "--port" in errors[0] and proc.stdout == ""
+
+
 @pytest.mark.e2e
 def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
     _, base = exported
@@ -430,3 +487,24 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
             proc.communicate()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "Stopped." in stderr
+
+
+# --- benchmarks/serve.py --------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, code, needle", [
+    (["--batches", "1,x"], 2, "--batches takes integers"),
+    (["--seconds", "nan"], 2, "--seconds"),
+    (["--threads", "0"], 2, "--threads"),
+    # The server's own sentence, not "the server did not start ('')".
+    (["--model-base-path", "{tmp}/missing"], 1, "{tmp}/missing does not exist"),
+])
+def test_serve_benchmark_bad_flags_get_one_sentence(tmp_path, flags, code, needle):
+    flags = [f.format(tmp=tmp_path) for f in flags]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), *flags],
+        cwd=ROOT, env=subprocess_env(), capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert needle.format(tmp=tmp_path) in last

@@ -147,3 +147,20 @@ def test_trace_summary_counts_gpu_streams_once(tmp_path):
     assert shares == pytest.approx({"conv / matmul": 0.6, "host<->device copy": 0.2,
                                     "gather (RandomAffine's sampler)": 0.2})
     assert "| conv / matmul | 0.03 | 60.0% |" in bench.format_trace(summary)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--batch-sizes", "0"], "--batch-sizes"),
+    (["--batch-sizes", "4,-8"], "--batch-sizes"),
+    (["--widths", "8,0,16,32,32"], "--widths"),
+    (["--image-size", "0"], "--image-size"),
+    (["--no-keras", "--no-torch"], "nothing to time"),
+])
+def test_flags_that_would_time_nothing_are_refused_before_any_work(flags, needle,
+                                                                   capsys):
+    bench = _script()
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--quick", *flags])
+    assert exit_info.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert needle in last and "Traceback" not in last
