@@ -232,6 +232,10 @@ class ModelRepository:
             NoVersionError: the base path is missing, empty, or no version loads.
         """
         base = self.base_path
+        if base.exists() and not base.is_dir():
+            raise NoVersionError(
+                f"{base} is a file, not a folder; pass the --model-base-path of an "
+                "exported model (saved_models/NAME, which holds 1/, 2/, ...).")
         if not base.is_dir():
             raise NoVersionError(
                 f"{base} does not exist; pass the --model-base-path of an exported "
@@ -809,14 +813,16 @@ class ModelServer:
 # --------------------------------------------------------------------------------------
 
 
-def _positive(kind: type) -> Callable[[str], Any]:
+def _positive(kind: type, most: float = 86400.0) -> Callable[[str], Any]:
+    """A positive, finite number no larger than `most` (a day by default)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if not 0 < value <= most:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(
+                f"must be a number in (0, {most:g}], got {text}")
         return value
     return parse
 
@@ -857,14 +863,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", type=_host, default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; "
                              "0.0.0.0 exposes it to the network)")
-    parser.add_argument("--max-body-mb", type=_positive(float),
+    parser.add_argument("--max-body-mb", type=_positive(float, most=4096),
                         default=DEFAULT_MAX_BODY_MB,
                         help=f"larger request bodies get HTTP 413 (default "
                              f"{DEFAULT_MAX_BODY_MB:g}; MB = 2**20 bytes)")
     parser.add_argument("--poll-seconds", type=_positive(float), default=1.0,
                         help="how often the base path is checked for a new version "
                              "(default 1, as TF Serving)")
-    parser.add_argument("--threads", type=_positive(int), default=DEFAULT_THREADS,
+    parser.add_argument("--threads", type=_positive(int, most=1024),
+                        default=DEFAULT_THREADS,
                         help=f"requests handled at the same time (default "
                              f"{DEFAULT_THREADS})")
     return parser

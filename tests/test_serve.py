@@ -400,10 +400,13 @@ def _serve_cli(*args):
     return [sys.executable, "-m", "stl10_keras.serve", *args]
 
 
-@pytest.mark.parametrize("layout", ["empty", "missing", "versions without a model"])
+@pytest.mark.parametrize(
+    "layout", ["empty", "missing", "versions without a model", "a file"])
 def test_cli_refuses_to_start_without_a_valid_version(tmp_path, layout):
     base = tmp_path / "m"
-    if layout != "missing":
+    if layout == "a file":
+        base.write_text("not a model folder")
+    elif layout != "missing":
         base.mkdir()
     if layout == "versions without a model":
         (base / "1").mkdir()  # no saved_model.pb
@@ -415,6 +418,24 @@ def test_cli_refuses_to_start_without_a_valid_version(tmp_path, layout):
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert str(base) in lines[0] and "Traceback" not in proc.stderr
     assert proc.stdout == ""
+    if layout == "a file":
+        assert "is a file" in lines[0] and "does not exist" not in lines[0]
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--poll-seconds", "1e308"), ("--poll-seconds", "inf"), ("--poll-seconds", "nan"),
+    ("--threads", "100000"), ("--max-body-mb", "1e300"), ("--max-body-mb", "0"),
+])
+def test_cli_refuses_numbers_out_of_range_as_a_usage_error(flag, value):
+    # In process: argparse exits 2 with one usage sentence before anything loads
+    # (1e308 poll seconds used to end in threading's OverflowError at start-up).
+    from stl10_keras import serve
+    with pytest.raises(SystemExit) as exit_info:
+        serve.build_parser().parse_args(["--model-base-path", "m", flag, value])
+    assert exit_info.value.code == 2
+    args = serve.build_parser().parse_args(
+        ["--model-base-path", "m", "--poll-seconds", "86400", "--threads", "1024"])
+    assert args.poll_seconds == 86400 and args.threads == 1024
 
 
 def test_cli_refuses_a_host_that_does_not_resolve_without_a_traceback(exported):
