@@ -35,7 +35,9 @@ class DataConfig:
             (STL-10: 100 of each class's 500 -> 4,000 train / 1,000 validation).
             None picks the dataset's default (100 for stl10, 20 for digits).
         download: let tensorflow-datasets download STL-10 when it is missing.
-        shuffle_buffer: tf.data shuffle buffer (images).
+        shuffle_buffer: tf.data shuffle buffer (images) of a pipeline reshuffled
+            per iteration; training instead permutes each whole epoch from
+            (seed, epoch), so that a resumed run repeats it (`data.make_dataset`).
     """
 
     dataset: str = "stl10"

@@ -418,6 +418,19 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
 
 # --- tf.data --------------------------------------------------------------------
 
+# Each epoch's seed-generator counters start `epoch * EPOCH_SEED_STRIDE` past
+# their initial ones (`train`): room for 2**20 draws per epoch.
+EPOCH_SEED_STRIDE = 1 << 20
+
+
+def num_batches(num_examples: int, batch_size: int,
+                drop_remainder: bool = False) -> int:
+    """Batches in one epoch of `num_examples` (a partial last one, unless dropped)."""
+    if drop_remainder:
+        return num_examples // batch_size
+    return math.ceil(num_examples / batch_size)
+
+
 def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -427,6 +440,7 @@ def make_dataset(
     shuffle_buffer: int = 5000,
     map_fn: Callable | None = None,
     drop_remainder: bool = False,
+    epochs: tuple[int, int] | None = None,
 ):
     """A tf.data pipeline of uint8 batches: cache -> shuffle -> batch -> map -> prefetch.
 
@@ -440,20 +454,64 @@ def make_dataset(
         map_fn: optional batch-level function `(images, labels) -> (images,
             labels)`, e.g. augmentation on the CPU (`--augment-on cpu`).
         drop_remainder: drop a last partial batch.
+        epochs: `(first, stop)`: one stream holding epochs `first .. stop - 1`
+            back to back, epoch `e` in the order of a full permutation drawn
+            statelessly from `(seed, e)` (`shuffle_buffer` is not used), so an
+            epoch's order does not depend on the epoch the stream starts at: a
+            run resumed at epoch `first` sees the batches an uninterrupted run
+            sees. Train on it with `steps_per_epoch=num_batches(len(labels),
+            batch_size)`. None: one epoch per iteration, buffer-shuffled anew
+            every time it is iterated (the n-th iteration's order depends on n,
+            counted from this call).
 
     Returns:
         A `tf.data.Dataset` yielding `(images, labels)`.
     """
     import tensorflow as tf
 
-    ds = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
-    if shuffle:
-        ds = ds.shuffle(min(shuffle_buffer, len(labels)), seed=seed,
-                        reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if epochs is not None:
+        ds = _epoch_stream(images, labels, batch_size, shuffle, seed,
+                           drop_remainder, epochs)
+    else:
+        ds = tf.data.Dataset.from_tensor_slices((images, labels)).cache()
+        if shuffle:
+            ds = ds.shuffle(min(shuffle_buffer, len(labels)), seed=seed,
+                            reshuffle_each_iteration=True)
+        ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     if map_fn is not None:
         ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_stream(images, labels, batch_size, shuffle, seed, drop_remainder, epochs):
+    """`make_dataset`'s batches of epochs `first .. stop - 1`, each a function of
+    `(seed, epoch)`.
+
+    `Dataset.shuffle` takes no per-epoch tensor seed, so each epoch's order is
+    `tf.random.experimental.index_shuffle` (a stateless permutation) keyed by
+    `(seed, epoch)`, and batches gather their rows from the arrays.
+    """
+    import tensorflow as tf
+
+    first, stop = epochs
+    n = len(labels)
+    x = tf.convert_to_tensor(images)
+    y = tf.convert_to_tensor(labels)
+
+    def one_epoch(epoch):
+        order = tf.data.Dataset.range(n)
+        if shuffle:
+            key = tf.stack([tf.constant(int(seed), tf.int64), epoch])
+            order = order.map(lambda i: tf.random.experimental.index_shuffle(
+                i, key, tf.constant(n - 1, tf.int64)))
+        return order.batch(batch_size, drop_remainder=drop_remainder)
+
+    steps = num_batches(n, batch_size, drop_remainder)
+    ds = tf.data.Dataset.range(first, stop).flat_map(one_epoch)
+    ds = ds.map(lambda rows: (tf.gather(x, rows), tf.gather(y, rows)),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.apply(
+        tf.data.experimental.assert_cardinality(steps * max(stop - first, 0)))
 
 
 # --- numpy batches (no TensorFlow) ----------------------------------------------
@@ -467,9 +525,11 @@ def tensorflow_available() -> bool:
     return True
 
 
-def numpy_batches(images, labels, batch_size, shuffle=False, seed=0):
+def numpy_batches(images, labels, batch_size, shuffle=False, seed=0, epochs=None):
     """A `NumpyBatches` (a factory: keras is imported only when it is called)."""
     import keras
+
+    steps = num_batches(len(labels), batch_size)
 
     class NumpyBatches(keras.utils.PyDataset):
         """uint8 `(images, labels)` batches from numpy arrays, reshuffled every epoch.
@@ -477,28 +537,42 @@ def numpy_batches(images, labels, batch_size, shuffle=False, seed=0):
         The shuffle is a full permutation drawn from `seed` and the epoch
         number (tf.data's buffer shuffle orders the images differently, so a
         run fed by it is not step-for-step the same as one fed by tf.data).
+        With `epochs=(first, stop)` it is one stream of those epochs, batch
+        `i` from epoch `first + i // steps_per_epoch`, so the order never
+        depends on how many epochs keras has counted; otherwise one epoch,
+        whose order moves on to the next epoch's at each `on_epoch_end`.
         """
+
+        steps_per_epoch = steps
 
         def __init__(self):
             super().__init__()
-            self._epoch = 0
-            self._order = self._permutation()
+            self._epoch = 0 if epochs is None else epochs[0]
+            self._order = (self._epoch, self._permutation(self._epoch))
 
-        def _permutation(self):
+        def _permutation(self, epoch: int):
             if not shuffle:
                 return np.arange(len(labels))
-            return np.random.default_rng([seed, self._epoch]).permutation(len(labels))
+            return np.random.default_rng([seed, epoch]).permutation(len(labels))
 
         def __len__(self) -> int:
-            return math.ceil(len(labels) / batch_size)
+            return steps if epochs is None else steps * max(epochs[1] - epochs[0], 0)
 
         def __getitem__(self, index: int):
-            rows = self._order[index * batch_size:(index + 1) * batch_size]
+            if epochs is None:
+                epoch, step = self._epoch, index
+            else:
+                epoch, step = divmod(index, steps)
+                epoch += epochs[0]
+            if self._order[0] != epoch:
+                self._order = (epoch, self._permutation(epoch))
+            rows = self._order[1][step * batch_size:(step + 1) * batch_size]
             return images[rows], labels[rows]
 
         def on_epoch_end(self) -> None:
-            self._epoch += 1
-            self._order = self._permutation()
+            if epochs is None:
+                self._epoch += 1
+                self._order = (self._epoch, self._permutation(self._epoch))
 
     return NumpyBatches()
 
@@ -512,12 +586,13 @@ def make_batches(
     shuffle_buffer: int = 5000,
     map_fn: Callable | None = None,
     use_tensorflow: bool | None = None,
+    epochs: tuple[int, int] | None = None,
 ):
     """Training or evaluation batches: tf.data if TensorFlow is there, else numpy.
 
     Args:
-        images, labels, batch_size, shuffle, seed, shuffle_buffer, map_fn: as
-            for `make_dataset`; `map_fn` needs TensorFlow.
+        images, labels, batch_size, shuffle, seed, shuffle_buffer, map_fn,
+            epochs: as for `make_dataset`; `map_fn` needs TensorFlow.
         use_tensorflow: force a choice; None uses tf.data when TensorFlow can
             be imported.
 
@@ -529,7 +604,9 @@ def make_batches(
         use_tensorflow = tensorflow_available()
     if use_tensorflow:
         return make_dataset(images, labels, batch_size, shuffle=shuffle, seed=seed,
-                            shuffle_buffer=shuffle_buffer, map_fn=map_fn)
+                            shuffle_buffer=shuffle_buffer, map_fn=map_fn,
+                            epochs=epochs)
     if map_fn is not None:
         raise ValueError("map_fn runs in tf.data and needs TensorFlow.")
-    return numpy_batches(images, labels, batch_size, shuffle=shuffle, seed=seed)
+    return numpy_batches(images, labels, batch_size, shuffle=shuffle, seed=seed,
+                         epochs=epochs)

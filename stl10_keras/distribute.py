@@ -253,7 +253,7 @@ class Distributed:
                 "processes": self.processes, "devices": list(self.devices)}
 
     def shard_batches(self, batches, num_examples: int | None = None,
-                      batch_size: int | None = None):
+                      batch_size: int | None = None, epochs: int = 1):
         """This process's part of each global batch, split evenly over replicas.
 
         Under `data-parallel` every device must get the same number of images
@@ -272,6 +272,9 @@ class Distributed:
             num_examples, batch_size: what `batches` was made from. With them
                 a tf.data pipeline keeps a known length (keras then shows
                 progress and does not warn that the input ran out).
+            epochs: how many epochs `batches` holds back to back (a stream
+                from `data.make_batches(..., epochs=...)`); each epoch's last
+                batch may be cut to nothing.
 
         Returns:
             The same kind of object yielding this process's rows; unchanged
@@ -285,6 +288,7 @@ class Distributed:
                 kept = -(-num_examples // batch_size)
                 if num_examples - (kept - 1) * batch_size < self.replicas:
                     kept -= 1  # the last batch is cut to nothing
+                kept *= epochs
             return _shard_tf_dataset(batches, self.replicas, self.processes,
                                      self.process_id, kept)
         return sharded_batches(batches, self.replicas, self.processes,
@@ -351,10 +355,10 @@ def _shard_tf_dataset(ds, replicas: int, processes: int, process_id: int,
         return images[start:start + per_process], labels[start:start + per_process]
 
     ds = ds.map(take_rows)
-    if kept is None:
-        ds = ds.filter(lambda images, labels: tf.shape(images)[0] > 0)
-    else:
-        ds = ds.take(kept)  # only the last batch can be cut to nothing
+    # Only an epoch's last batch can be cut to nothing.
+    ds = ds.filter(lambda images, labels: tf.shape(images)[0] > 0)
+    if kept is not None:
+        ds = ds.apply(tf.data.experimental.assert_cardinality(kept))
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -369,15 +373,20 @@ def sharded_batches(batches, replicas: int, processes: int, process_id: int):
         def __init__(self):
             super().__init__()
             # Which batches survive the cut depends only on their sizes,
-            # which do not change between epochs.
-            sizes = [len(batches[i][1]) for i in range(len(batches))]
+            # which do not change between epochs (a stream of several epochs
+            # says how many batches one has).
+            self._period = getattr(batches, "steps_per_epoch", len(batches))
+            sizes = [len(batches[i][1]) for i in range(self._period)]
             self._keep = [i for i, n in enumerate(sizes) if n >= replicas]
+            self._epochs = len(batches) // self._period if self._period else 0
+            self.steps_per_epoch = len(self._keep)
 
         def __len__(self) -> int:
-            return len(self._keep)
+            return len(self._keep) * self._epochs
 
         def __getitem__(self, index: int):
-            images, labels = batches[self._keep[index]]
+            epoch, step = divmod(index, len(self._keep))
+            images, labels = batches[epoch * self._period + self._keep[step]]
             start, stop = rows_for_process(len(labels), replicas, processes,
                                            process_id)
             return images[start:stop], labels[start:stop]

@@ -254,6 +254,67 @@ class _Throughput:
         return sum(n for n, _ in timed) / seconds if seconds > 0 else None
 
 
+class _EpochRandomState:
+    """Draws each epoch's dropout and augmentation randomness from (seed, epoch).
+
+    Dropout and `RandomAffine` draw from `keras.random.SeedGenerator`s whose
+    state (a seed and a counter) is not among the weights that keras'
+    `BackupAndRestore` saves, so a resumed run would start them over and
+    repeat epoch 0's draws. At the start of epoch `e` this sets each
+    generator's counter to its initial counter `+ e * 2**20` (an epoch takes
+    fewer steps than that), so every epoch's draws are the same whether or not
+    the run was resumed. It also checks that keras starts at `first_epoch`,
+    the epoch the training data stream starts at.
+    """
+
+    def __init__(self, model, first_epoch: int):
+        import keras
+
+        from stl10_keras.data import EPOCH_SEED_STRIDE
+
+        outer = self
+        # SeedGenerator states are variables named like this, outside `weights`.
+        self._states = [v for v in model.variables
+                        if v.name == "seed_generator_state"]
+        self._initial = [keras.ops.convert_to_numpy(v).tolist() for v in self._states]
+        self._next_epoch = first_epoch
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                import numpy as np
+
+                if epoch != outer._next_epoch:
+                    raise TrainingError(
+                        f"keras started epoch {epoch + 1} where the training data "
+                        f"holds epoch {outer._next_epoch + 1}; rerun with --overwrite."
+                    )
+                outer._next_epoch = epoch + 1
+                for v, (seed, counter) in zip(outer._states, outer._initial):
+                    # Kept below 2**31: TensorFlow folds seeds into int32.
+                    counter = (counter + epoch * EPOCH_SEED_STRIDE) % (2**31 - 1)
+                    v.assign(np.array([seed, counter], dtype=v.dtype))
+
+        self.callback = Callback()
+
+
+def _restore_backup(backup, training_model) -> int:
+    """Restore an interrupted run's backup now; the epoch to resume at (0: none).
+
+    `fit` restores it again (the same files), but the training data stream
+    must start at that epoch before `fit` is called.
+    """
+    backup.set_model(training_model)
+    backup.on_train_begin()
+    return int(getattr(training_model, "_initial_epoch", None) or 0)
+
+
+def _stream_length(batches) -> int:
+    """Batches in a training stream: a tf.data cardinality or a PyDataset's len."""
+    if hasattr(batches, "cardinality"):
+        return int(batches.cardinality())
+    return len(batches)
+
+
 def _read_history(path: Path) -> list[dict[str, float]]:
     if not path.exists():
         return []
@@ -438,25 +499,38 @@ def train(
             augmentation = _augmentation_layer(config, splits, run_dir)
         training_model = build_training_model(model, augmentation)
         compile_training_model(training_model, t)
+        backup = keras.callbacks.BackupAndRestore(str(backup_dir),
+                                                  double_checkpoint=True)
+        first_epoch = _restore_backup(backup, training_model)
+        # One stream of the epochs still to train, each epoch's order drawn
+        # from (seed, epoch): a resumed run gets the batches of an
+        # uninterrupted one (tf.data's reshuffle_each_iteration would start
+        # over at epoch 0's order). A finished backup still gets one epoch
+        # for its length; keras trains none.
+        stream = (min(first_epoch, t.epochs - 1), t.epochs)
         train_ds = dist.shard_batches(data_lib.make_batches(
             splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
-            shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
-        ), len(splits.y_train), t.batch_size)
+            shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn, epochs=stream,
+        ), len(splits.y_train), t.batch_size, epochs=stream[1] - stream[0])
+        steps_per_epoch = _stream_length(train_ds) // (stream[1] - stream[0])
         val_batch = 256 // dist.replicas * dist.replicas
         val_ds = dist.shard_batches(
             data_lib.make_batches(splits.x_val, splits.y_val, val_batch),
             len(splits.y_val), val_batch)
         callbacks = [
+            _EpochRandomState(training_model, first_epoch).callback,
             keras.callbacks.TerminateOnNaN(),
             throughput.callback,
             keras.callbacks.CSVLogger(str(history_path), append=True),
-            keras.callbacks.BackupAndRestore(str(backup_dir), double_checkpoint=True),
+            backup,
         ]
         if has_tf:  # keras' TensorBoard callback writes with tf.summary
-            callbacks.insert(3, keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")))
+            callbacks.insert(
+                4, keras.callbacks.TensorBoard(log_dir=str(run_dir / "logs")))
         training_model.fit(
             train_ds, validation_data=val_ds, epochs=t.epochs, callbacks=callbacks,
             verbose=verbose, shuffle=False,  # the batches are already shuffled
+            initial_epoch=first_epoch, steps_per_epoch=steps_per_epoch,
         )
     history = _read_history(history_path)
     if not history or not np.isfinite(history[-1].get("loss", np.nan)) \

@@ -193,3 +193,26 @@ def test_make_dataset_moves_uint8_and_reshuffles():
     assert images.dtype.name == "uint8"
     assert sorted(epoch1) == list(range(20))
     assert not np.array_equal(epoch1, epoch2)
+
+
+@pytest.mark.parametrize("use_tensorflow", [True, False])
+def test_an_epoch_stream_started_later_has_the_same_epochs(use_tensorflow):
+    # A resumed run starts the stream at its resume epoch; every epoch must be
+    # the one an uninterrupted run (a stream from epoch 0) gets.
+    x = np.arange(20, dtype=np.uint8).reshape(20, 1, 1, 1)
+    y = np.arange(20, dtype=np.int32)
+
+    def epochs(first, stop):
+        batches = data.make_batches(x, y, 8, shuffle=True, seed=5,
+                                    use_tensorflow=use_tensorflow,
+                                    epochs=(first, stop))
+        rows = ([b[1] for b in batches.as_numpy_iterator()] if use_tensorflow
+                else [batches[i][1] for i in range(len(batches))])
+        assert len(rows) == 3 * (stop - first)  # batches of 8, 8, 4 per epoch
+        return [np.concatenate(rows[i:i + 3]).tolist()
+                for i in range(0, len(rows), 3)]
+
+    whole = epochs(0, 4)
+    assert all(sorted(e) == list(range(20)) for e in whole)
+    assert len({tuple(e) for e in whole}) == 4  # reshuffled every epoch
+    assert epochs(2, 4) == whole[2:]

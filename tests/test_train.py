@@ -298,6 +298,58 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path):
     assert np.isfinite(metrics["val_accuracy"])
 
 
+def _kill_after_epochs(args, history, epochs: int) -> None:
+    """Run the CLI and SIGKILL it (a hard crash) once `epochs` epochs are logged."""
+    proc = subprocess.Popen([sys.executable, "-m", "stl10_keras.train", *args],
+                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 400
+    try:
+        while time.time() < deadline:
+            if history.exists() and len(history.read_text().splitlines()) > epochs:
+                break  # header + `epochs` rows
+            if proc.poll() is not None:
+                pytest.fail("training ended before it could be interrupted")
+            time.sleep(0.05)
+        else:
+            pytest.fail("training made no progress")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.mark.e2e
+def test_a_resumed_run_has_the_history_of_an_uninterrupted_one(tmp_path):
+    # It used not to: after a resume, tf.data's reshuffle started over at epoch
+    # 0's order, and dropout's and RandomAffine's seed generators (not among
+    # the weights BackupAndRestore saves) started over at their first draws.
+    # kmeans1: augmentation, dropout and a k-means stage that is not rerun.
+    args = ["--dataset", "digits", "--preset", "smoke", "--variant", "kmeans1",
+            "--epochs", "5", "--widths", "4,8", "--fc-units", "16", "--no-export",
+            "--verbose", "0"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    proc = _cli(*args, "--run-dir", str(whole))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _kill_after_epochs([*args, "--run-dir", str(resumed)], resumed / "history.csv", 2)
+    assert not (resumed / "metrics.json").exists()
+    proc = _cli(*args, "--run-dir", str(resumed))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((resumed / "metrics.json").read_text())
+    want = json.loads((whole / "metrics.json").read_text())
+    assert got["resumed"] is True and want["resumed"] is False
+    assert [h["epoch"] for h in got["history"]] == list(range(1, 6))
+    # The same float32 computation on the same inputs in two processes; the
+    # tolerance (a few float32 ulps) only allows for a multi-threaded CPU
+    # kernel summing in another order. The bug moved the loss by > 1e-3.
+    for g, w in zip(got["history"], want["history"]):
+        assert g.keys() == w.keys()
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), (
+                g["epoch"], key)
+    assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-9)
+    assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)
+
+
 @pytest.mark.e2e
 def test_default_variant_kmeans12_writes_the_figures_and_kmeans_record(tmp_path):
     run = tmp_path / "run"
