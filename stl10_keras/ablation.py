@@ -25,13 +25,16 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# 3, not 2: also hides C++ errors TensorFlow logs for a machine without CUDA
+# ("failed call to cuInit"); a user who sets it lower sees them again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from stl10_keras import config as cfg  # noqa: E402
 from stl10_keras.config import Config, ConfigError  # noqa: E402
 from stl10_keras.io_utils import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
+    import_tensorflow,
     read_json,
 )
 
@@ -388,7 +391,7 @@ def save_figure8(summary: dict, path: Path) -> None:
 def write_hparams(ablation_dir: Path, name: str, config: Config,
                   metrics: dict) -> None:
     """One TensorBoard HParams session per run, at DIR/logs/NAME (atomic)."""
-    import tensorflow as tf
+    tf = import_tensorflow()
     from tensorboard.plugins.hparams import api as hp
 
     logs = ablation_dir / "logs"
@@ -476,6 +479,9 @@ def run_ablation(
                     from stl10_keras import data as data_lib
 
                     splits = data_lib.load_splits_for(config, seed)
+                from stl10_keras.data import tensorflow_available
+
+                tensorflow_available()  # loads it quietly, before keras does
                 import keras
 
                 from stl10_keras.train import train

@@ -13,6 +13,8 @@ same uint8 batches from numpy (`NumpyBatches`), for a JAX-only install.
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
 import math
 import os
 import shutil
@@ -380,10 +382,21 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
                      download: bool) -> Splits:
     import tensorflow_datasets as tfds
 
-    builder = tfds.builder("stl10", data_dir=data_dir)
-    if not builder.is_prepared():
-        if not download or not _host_reachable(STL10_URL_HOST):
-            raise DataUnavailableError(offline_message(data_dir))
+    # Looking for a prepared copy needs no TensorFlow; tfds logs "Variant folder
+    # DIR/stl10/1.0.0 has no dataset_info.json" (absl, WARNING) where there is
+    # none, which the DataUnavailableError below says better.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(max(level, logging.ERROR))
+    try:
+        builder = tfds.builder("stl10", data_dir=data_dir)
+        prepared = builder.is_prepared()
+    finally:
+        absl_logger.setLevel(level)
+    if not prepared and (not download or not _host_reachable(STL10_URL_HOST)):
+        raise DataUnavailableError(offline_message(data_dir))
+    tensorflow_available()  # loads it quietly, before tfds does
+    if not prepared:
         try:
             builder.download_and_prepare()
         except Exception as e:  # network / disk errors from tfds
@@ -517,12 +530,22 @@ def _epoch_stream(images, labels, batch_size, shuffle, seed, drop_remainder, epo
 # --- numpy batches (no TensorFlow) ----------------------------------------------
 
 def tensorflow_available() -> bool:
-    """Whether TensorFlow can be imported (it is optional under the JAX backend)."""
+    """Whether TensorFlow can be imported (it is optional under the JAX backend).
+
+    Imports it, with `io_utils.import_tensorflow` (its start-up logs filtered).
+    """
+    from stl10_keras.io_utils import import_tensorflow
+
     try:
-        importlib.import_module("tensorflow")
+        import_tensorflow()
     except ImportError:
         return False
     return True
+
+
+def tensorflow_installed() -> bool:
+    """Whether TensorFlow is installed, without importing it (seconds faster)."""
+    return importlib.util.find_spec("tensorflow") is not None
 
 
 def numpy_batches(images, labels, batch_size, shuffle=False, seed=0, epochs=None):

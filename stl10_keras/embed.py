@@ -36,10 +36,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# 3, not 2: also hides C++ errors TensorFlow logs for a machine without CUDA
+# ("failed call to cuInit"); a user who sets it lower sees them again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from stl10_keras.config import Config, ConfigError  # noqa: E402
-from stl10_keras.io_utils import atomic_write_json  # noqa: E402
+from stl10_keras.io_utils import atomic_write_json, import_tensorflow  # noqa: E402
 
 SPLITS = ("test", "validation", "train")
 POOLS = ("flatten", "avg")
@@ -360,7 +362,7 @@ def write_projector(
     Returns:
         The projector folder.
     """
-    import tensorflow as tf
+    tf = import_tensorflow()  # before tensorboard, which may import it
     from tensorboard.plugins import projector
 
     from stl10_keras.visualize import save_png
@@ -633,7 +635,6 @@ def embed(
         raise EmbedError(f"--seed must be an integer in 0..4294967295, got {seed}.")
 
     from stl10_keras import data as data_lib
-    from stl10_keras.model import load_model, stage_output_names
 
     if splits is None:
         try:
@@ -658,6 +659,9 @@ def embed(
             f"--perplexity ({perplexity:g}) must be below the number of points "
             f"({len(labels)}); lower it or raise --max-points."
         )
+
+    data_lib.tensorflow_available()  # loads it quietly, before keras does
+    from stl10_keras.model import load_model, stage_output_names
 
     try:
         model = load_model(run_dir / "model.keras")

@@ -44,15 +44,24 @@ library as it is. The exit code is 1 when a check fails, 2 for a bad flag.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import keras
-import numpy as np
-from keras import ops
+# 3: also hides C++ errors TensorFlow logs for a machine without CUDA; a user
+# who sets it lower sees them again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from stl10_keras import backprop
+from stl10_keras.io_utils import filtered_startup_logs  # noqa: E402
+
+with filtered_startup_logs():  # the backend's native start-up logs
+    import keras
+
+import numpy as np  # noqa: E402
+from keras import ops  # noqa: E402
+
+from stl10_keras import backprop  # noqa: E402
 from stl10_keras.backprop import (
     BatchNormGradients,
     DagGradients,

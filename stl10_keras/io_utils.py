@@ -1,12 +1,17 @@
-"""Small file helpers: atomic writes, so an interrupted run never leaves half a file."""
+"""Small file helpers: atomic writes, so an interrupted run never leaves half a file;
+and a quiet TensorFlow import, so a command's output starts with its own lines."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
+import re
+import sys
 import tempfile
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator
 
 
@@ -55,3 +60,107 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+# --- native start-up logs ---------------------------------------------------------
+
+# A line of absl's C++ log format (`I0000 00:00:1795793494.485599   22436
+# cudart_stub.cc:31] ...`) or TensorFlow's own (`2025-09-17 14:44:05.157831: I
+# external/.../cudart_stub.cc:32] ...`); the letter is the severity.
+_NATIVE_LOG_LINE = re.compile(
+    r"(?:(?P<absl>[IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ "
+    r"|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+: (?P<tf>[IWEF]) )\S+:\d+\] ")
+# absl prints this (a warning) before the first message of each library that
+# logs before absl::InitializeLog().
+_ABSL_PREINIT = ("WARNING: All log messages before absl::InitializeLog() is called "
+                 "are written to STDERR")
+_SEVERITIES = "IWEF"  # TF_CPP_MIN_LOG_LEVEL 0..3 hides the severities before it
+
+
+def _min_log_level() -> int:
+    try:
+        return int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0"))
+    except ValueError:
+        return 0
+
+
+def _filter_log_lines(lines: list[str], level: int) -> str:
+    """`lines` without the native log lines below `level` (other text is kept)."""
+    kept = []
+    for i, line in enumerate(lines):
+        if line.rstrip("\r\n") == _ABSL_PREINIT:
+            # A preface to the next line: it goes where that line goes.
+            following = lines[i + 1:i + 2]
+            if following and _filter_log_lines(following, level):
+                kept.append(line)
+            continue
+        m = _NATIVE_LOG_LINE.match(line)
+        if m and _SEVERITIES.index(m.group("absl") or m.group("tf")) < level:
+            continue
+        kept.append(line)
+    return "".join(kept)
+
+
+@contextlib.contextmanager
+def filtered_startup_logs() -> Iterator[None]:
+    """Apply `TF_CPP_MIN_LOG_LEVEL` to what native libraries print while loading.
+
+    TensorFlow's shared libraries log from their load-time initialisers, through
+    absl, before TensorFlow reads `TF_CPP_MIN_LOG_LEVEL` (TF 2.21 on a machine
+    without CUDA: "All log messages before absl::InitializeLog() ..." and
+    `cudart_stub.cc] Could not find cuda drivers`, twice, even at level 3). C++
+    writes them to file descriptor 2, out of reach of Python's logging, so the
+    block runs with fd 2 redirected to a temporary file. Afterwards the captured
+    log lines below `TF_CPP_MIN_LOG_LEVEL` are dropped and everything else (other
+    severities, Python warnings, any text that is not a log line) is written to
+    stderr. If the block raises, all the captured text is written back first:
+    a failing import keeps its explanation. Unset or 0 captures nothing.
+    """
+    level = _min_log_level()
+    if level <= 0:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        failed = True
+        try:
+            os.dup2(captured.fileno(), 2)
+            try:
+                yield
+                failed = False
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+        finally:
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(True)
+            kept = "".join(lines) if failed else _filter_log_lines(lines, level)
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+def import_tensorflow() -> ModuleType:
+    """Import TensorFlow under `filtered_startup_logs` (a no-op once imported).
+
+    Entry points call it before anything else imports TensorFlow (tensorflow-
+    datasets, keras with the TensorFlow backend), after the checks that need no
+    TensorFlow, so that an error a user caused is the only line they see.
+
+    Returns:
+        The `tensorflow` module.
+
+    Raises:
+        ImportError: TensorFlow is not installed or does not load; what it
+            printed while failing is on stderr.
+    """
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"]
+    with filtered_startup_logs():
+        return importlib.import_module("tensorflow")

@@ -82,8 +82,9 @@ def load_classifier(path: Path) -> tuple[Callable[[bytes], dict[str, Any]],
     Raises:
         ModelError: the SavedModel does not load or has no usable signature.
     """
-    import tensorflow as tf
+    from stl10_keras.io_utils import import_tensorflow
 
+    tf = import_tensorflow()
     try:
         loaded = tf.saved_model.load(str(path))
     except Exception as e:  # a corrupt or foreign SavedModel
@@ -129,7 +130,7 @@ def format_top_k(probabilities: np.ndarray, top_name: str, names: list[str] | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
     try:
         path = resolve_version(args.model, args.version)
         classify, names = load_classifier(path)

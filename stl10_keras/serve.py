@@ -159,8 +159,9 @@ def load_servable(path: str | os.PathLike, version: int) -> Servable:
         Exception: whatever `tf.saved_model.load` or the warm-up raise for a
             version that cannot be served.
     """
-    import tensorflow as tf
+    from stl10_keras.io_utils import import_tensorflow
 
+    tf = import_tensorflow()
     path = Path(path)
     loaded = tf.saved_model.load(str(path))
     signatures = dict(loaded.signatures)
@@ -883,7 +884,7 @@ def _interrupt(signum, frame):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C and SIGTERM stop the server, even where a shell started it in
         # the background with SIGINT ignored.

@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# 3, not 2: also hides C++ errors TensorFlow logs for a machine without CUDA
+# ("failed call to cuInit"); a user who sets it lower sees them again.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from stl10_keras import config as cfg  # noqa: E402
 from stl10_keras.config import Config, ConfigError  # noqa: E402
@@ -425,7 +427,7 @@ def train(
 
     dist = distribution or Distributed()
     check_batch_size(config.train.batch_size, dist.replicas)
-    has_tf = data_lib.tensorflow_available()
+    has_tf = data_lib.tensorflow_installed()  # imported after the checks below
     if not has_tf and config.augment.enabled and config.augment.on == "cpu":
         raise ConfigError("--augment-on cpu runs in tf.data, and TensorFlow is not "
                           "installed; use --augment-on device.")
@@ -460,6 +462,7 @@ def train(
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, config.to_dict())
 
+    data_lib.tensorflow_available()  # loads it quietly, before keras does
     import keras
     import numpy as np
 
@@ -733,11 +736,16 @@ def _setup_distribution(args: argparse.Namespace, config: Config) -> "Distribute
         from stl10_keras.distribute import Distributed
 
         return Distributed()
-    import keras
-
     from stl10_keras import distribute
 
     options = distribution_options(args)
+    if options.mode == "none":  # flags that need a --distribution: no backend yet
+        distribute.check_options(options, backend="")
+    from stl10_keras.data import tensorflow_available
+
+    tensorflow_available()  # loads it quietly, before keras does
+    import keras
+
     request = distribute.check_options(options, keras.backend.backend())
     replicas = distribute.expected_replicas(options, request)
     if replicas is not None:  # refuse before starting any runtime

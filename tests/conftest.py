@@ -15,8 +15,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def subprocess_env(**extra):
-    """Environment for running `python -m stl10_keras...` from the repo root."""
+    """Environment for running `python -m stl10_keras...` from the repo root.
+
+    Without the TF_CPP_MIN_LOG_LEVEL set above: a command runs with its own
+    default, as it does for a user (pass it in `extra` to set one).
+    """
     env = dict(os.environ)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env

@@ -334,6 +334,29 @@ def test_run_dir_without_model_says_train_first(tmp_path):
     assert "train first: python -m stl10_keras.train" in message
 
 
+def _placeholder_run(run_dir):
+    """A run dir whose model.keras is an empty file (enough to reach the checks)."""
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "model.keras").write_bytes(b"")
+    (run_dir / "config.json").write_text(preset("smoke", "digits").to_json())
+    return run_dir
+
+
+def test_a_model_that_does_not_load_is_the_only_line_on_stderr(tmp_path):
+    # The error comes after keras (and TensorFlow) are loaded: TensorFlow's C++
+    # start-up lines ("WARNING: All log messages before absl::InitializeLog()
+    # ...", "cudart_stub.cc:31] Could not find cuda drivers") used to come first.
+    message = _one_sentence_error(_cli("--run-dir", str(_placeholder_run(tmp_path)),
+                                       "--no-tsne"))
+    assert message.startswith(f"error: Cannot load {tmp_path / 'model.keras'} (")
+
+
+def test_a_perplexity_above_the_points_is_the_only_line_on_stderr(tmp_path):
+    message = _one_sentence_error(_cli("--run-dir", str(_placeholder_run(tmp_path)),
+                                       "--max-points", "60", "--perplexity", "100"))
+    assert "--perplexity (100) must be below the number of points (60)" in message
+
+
 def test_unknown_layer_lists_the_valid_ones(digits_run):
     message = _one_sentence_error(
         _cli("--run-dir", str(digits_run), "--layers", "pixels,stage9"))

@@ -108,7 +108,7 @@ def test_cli_prints_top_k_per_image_and_reports_bad_files(exported, files):
         want = signatures["serving_bytes"](image_bytes=tf.constant([path.read_bytes()]))
         assert_top_matches(blocks[str(path)], expected_top(want, 3))
 
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.strip()]  # nothing else
     assert errors == [
         f"error: {folder / 'notes.png'} is not a JPEG, PNG, GIF, BMP or WebP image.",
         f"error: cannot read {folder / 'missing.jpg'} (No such file or directory).",
@@ -117,6 +117,22 @@ def test_cli_prints_top_k_per_image_and_reports_bad_files(exported, files):
         "error: 3 of 6 images could not be classified.",
     ]
     assert "Traceback" not in proc.stderr
+
+
+def test_a_version_that_is_no_saved_model_is_the_only_line_on_stderr(tmp_path):
+    # The error comes after TensorFlow is loaded: its C++ start-up lines
+    # ("cudart_stub.cc:31] Could not find cuda drivers", "failed call to
+    # cuInit") used to come first.
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"not a protobuf")
+    proc = subprocess.run(
+        [sys.executable, "-m", "stl10_keras.predict", "--model", str(tmp_path / "m"),
+         str(tmp_path / "x.png")],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: cannot load {tmp_path / 'm' / '1'} (")
 
 
 def test_top_k_and_version_flags(exported, files, capsys):

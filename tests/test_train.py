@@ -139,6 +139,34 @@ def test_a_config_file_that_is_no_object_exits_2_without_traceback(tmp_path):
     assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
 
 
+def _stderr_lines(proc):
+    return [line for line in proc.stderr.splitlines() if line.strip()]
+
+
+def test_missing_data_is_the_only_line_on_stderr(tmp_path):
+    # TensorFlow's C++ start-up lines ("WARNING: All log messages before
+    # absl::InitializeLog() ...", "cudart_stub.cc:31] Could not find cuda
+    # drivers") and tfds' "WARNING:absl:Variant folder ... has no
+    # dataset_info.json" used to come before it.
+    nowhere = tmp_path / "nowhere"
+    proc = _cli("--data-dir", str(nowhere), "--no-download", "--no-export",
+                "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 1
+    lines = _stderr_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: STL-10 is not on disk")
+    assert f"--data-dir {nowhere}" in lines[0]
+
+
+def test_a_flag_that_needs_distribution_is_the_only_line_on_stderr(tmp_path):
+    proc = _cli("--dataset", "digits", "--devices", "2", "--no-export",
+                "--run-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    assert _stderr_lines(proc) == [
+        "error: --devices and the coordinator flags need --distribution mirrored "
+        "or data-parallel."], proc.stderr
+
+
 def _fake_finished_run(run, config):
     """A run dir as a finished run leaves it (no training needed to test refusals)."""
     run.mkdir()
@@ -158,6 +186,11 @@ def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, ca
     assert main([*flags, "--epochs", "3"]) == 2
     captured = capsys.readouterr()
     assert "different config" in captured.err and "accuracy" not in captured.out
+    # From the command line, the sentence is all there is on stderr.
+    proc = _cli(*flags, "--epochs", "3")
+    assert proc.returncode == 2 and len(_stderr_lines(proc)) == 1, proc.stderr
+    assert _stderr_lines(proc)[0].startswith("error: ") and \
+        "different config" in proc.stderr
     # The same config is still reported as the finished run it is.
     assert main(flags) == 0
     out = capsys.readouterr().out
