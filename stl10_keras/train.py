@@ -299,6 +299,33 @@ class _EpochRandomState:
         self.callback = Callback()
 
 
+def _device_summary(dist) -> str:
+    """The devices `fit` will use, in words, e.g. `1 GPU (gpu:0)` or `the CPU`.
+
+    TensorFlow's own CUDA start-up errors are hidden by default
+    (TF_CPP_MIN_LOG_LEVEL=3), so a GPU machine whose driver fails says so here.
+    """
+    import keras
+
+    if dist.devices:
+        return f"{len(dist.devices)} devices ({', '.join(dist.devices)})"
+    backend = keras.backend.backend()
+    if backend == "jax":
+        import jax
+
+        gpus = [str(d) for d in jax.local_devices() if d.platform != "cpu"]
+    elif backend == "tensorflow":
+        import tensorflow as tf
+
+        gpus = [d.name for d in tf.config.list_logical_devices("GPU")]
+    else:
+        return f"the {backend} backend's default device"
+    if gpus:
+        return f"{len(gpus)} GPU{'s' if len(gpus) > 1 else ''} ({', '.join(gpus)})"
+    return ("the CPU (no GPU visible; TF_CPP_MIN_LOG_LEVEL=0 shows TensorFlow's "
+            "CUDA messages)" if backend == "tensorflow" else "the CPU (no GPU visible)")
+
+
 def _restore_backup(backup, training_model) -> int:
     """Restore an interrupted run's backup now; the epoch to resume at (0: none).
 
@@ -469,6 +496,8 @@ def train(
     from stl10_keras.model import build_model, build_training_model
 
     t = config.train
+    if verbose:
+        print(f"training on {_device_summary(dist)}")
     keras.utils.set_random_seed(t.seed)
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if t.mixed_precision else "float32"

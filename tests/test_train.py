@@ -255,6 +255,16 @@ def test_smoke_run_end_to_end(tmp_path):
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
     config = Config.from_json((run / "config.json").read_text())
     assert config.model.widths == (8, 16, 16, 32, 32)
+    # The device line names what TensorFlow sees (its CUDA start-up errors are
+    # hidden, so this line is where a GPU machine without a driver shows).
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    device_line = [ln for ln in proc.stdout.splitlines() if ln.startswith("training on")]
+    assert len(device_line) == 1, proc.stdout[-2000:]
+    assert ("GPU" in device_line[0].split("(")[0]) == bool(gpus), device_line
+    if not gpus:
+        assert device_line[0].startswith("training on the CPU")
     assert (run / "logs" / "train").is_dir() and (export / "1" / "saved_model.pb").exists()
     # The SavedModel reproduces the saved Keras model and the reported accuracy.
     script = textwrap.dedent(f"""
