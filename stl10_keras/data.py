@@ -544,8 +544,15 @@ def tensorflow_available() -> bool:
 
 
 def tensorflow_installed() -> bool:
-    """Whether TensorFlow is installed, without importing it (seconds faster)."""
-    return importlib.util.find_spec("tensorflow") is not None
+    """Whether TensorFlow is installed, without importing it (seconds faster).
+
+    An import hook that refuses it (`find_spec` raising ImportError) counts as
+    not installed, as it does for `tensorflow_available`.
+    """
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def numpy_batches(images, labels, batch_size, shuffle=False, seed=0, epochs=None):

@@ -310,6 +310,8 @@ def test_without_tensorflow_what_needs_it_is_refused_up_front(flags, needle,
     from stl10_keras import data
     from stl10_keras.train import build_parser, config_from_args, train
 
+    # train asks whether TensorFlow is installed before importing it.
+    monkeypatch.setattr(data, "tensorflow_installed", lambda: False)
     monkeypatch.setattr(data, "tensorflow_available", lambda: False)
     args = build_parser().parse_args(["--dataset", "digits", "--preset", "smoke",
                                       *flags])
