@@ -35,7 +35,6 @@ from stl10_keras.io_utils import (  # noqa: E402
     atomic_write_json,
     atomic_write_text,
     import_tensorflow,
-    read_json,
 )
 
 VARIANT_LABELS = {
@@ -156,13 +155,9 @@ def differing_fields(configs: Sequence[Config]) -> list[str]:
 
 def _read_run_file(path: Path) -> Any:
     """A run's config.json or metrics.json; unreadable, a `ConfigError` naming the fix."""
-    try:
-        return read_json(path)
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"{path} cannot be read ({e}); delete {path.parent} to train that run "
-            "again."
-        ) from None
+    from stl10_keras.train import read_run_json
+
+    return read_run_json(path, fix=f"delete {path.parent} to train that run again")
 
 
 def check_existing_runs(

@@ -473,14 +473,14 @@ def train(
     config_path = run_dir / "config.json"
     # Checked before a finished run is reported: its results are not this config's.
     if config_path.exists():
-        previous = _read_run_json(config_path)
+        previous = read_run_json(config_path)
         if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "
                 f"--config {config_path}, or pass --overwrite or another --run-dir."
             )
     if metrics_path.exists():
-        return _read_run_json(metrics_path)
+        return read_run_json(metrics_path)
     wall0 = time.perf_counter()
     if splits is None:
         # Before config.json is written: a run whose data is missing leaves no
@@ -607,15 +607,15 @@ def train(
     return metrics
 
 
-def _read_run_json(path: Path) -> Any:
-    """A run's own JSON file; unreadable, it is a `ConfigError` naming the fix."""
+def read_run_json(
+    path: Path,
+    fix: str = "pass --overwrite to train the run again, or another --run-dir",
+) -> Any:
+    """A run's config.json or metrics.json; unreadable, a `ConfigError` naming `fix`."""
     try:
         return read_json(path)
     except (OSError, ValueError) as e:
-        raise ConfigError(
-            f"{path} cannot be read ({e}); pass --overwrite to train the run again, "
-            "or another --run-dir."
-        ) from None
+        raise ConfigError(f"{path} cannot be read ({e}); {fix}.") from None
 
 
 def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:
