@@ -28,12 +28,11 @@ from typing import Callable
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras  # noqa: E402
+# Only light imports here: keras and TensorFlow load after the flags are
+# parsed, so a bad flag is refused in a fraction of a second.
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from stl10_keras.augment import RandomAffine  # noqa: E402
 from _common import cpu_name  # noqa: E402
 
 SIZE = 96
@@ -43,6 +42,8 @@ MAX_TRANSLATION = 0.2
 
 
 def random_affine(resampler: str = "gather") -> RandomAffine:
+    from stl10_keras.augment import RandomAffine
+
     return RandomAffine(
         max_rotation_deg=MAX_ROTATION_DEG,
         scale_range=SCALE_RANGE,
@@ -53,6 +54,8 @@ def random_affine(resampler: str = "gather") -> RandomAffine:
 
 
 def builtin_chain() -> keras.Sequential:
+    import keras
+
     # RandomZoom's factor f samples at (1 + f) times the coordinates, so a
     # magnification s in [1, 1.4] is f in [1 / 1.4 - 1, 0].
     zoom = 1.0 / SCALE_RANGE[1] - 1.0
@@ -85,6 +88,7 @@ def _time(step: Callable[[], object], warmup: int, batches: int) -> float:
 
 def tf_data_method(layer, batch: np.ndarray, jit: bool = False) -> Method:
     """`layer` mapped over a stream of uint8 batches in tf.data."""
+    import tensorflow as tf
 
     def augment(images):
         return layer(tf.cast(images, "float32"), training=True)
@@ -113,6 +117,8 @@ def tf_data_method(layer, batch: np.ndarray, jit: bool = False) -> Method:
 
 def jit_method(layer, batch: np.ndarray) -> Method:
     """`layer` in an XLA-compiled function, each result fetched."""
+    import tensorflow as tf
+
     fn = tf.function(lambda x: layer(x, training=True), jit_compile=True)
     x = tf.constant(batch)
     return lambda warmup, batches: _time(lambda: fn(x).numpy(), warmup, batches)
@@ -195,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--batch-sizes takes integers separated by commas, e.g. 32,256.")
     if min(batch_sizes) < 1:
         parser.error("--batch-sizes must be >= 1, e.g. 32,256.")
+
+    import keras
+    import tensorflow as tf
 
     rng = np.random.default_rng(0)
     print(

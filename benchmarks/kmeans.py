@@ -25,13 +25,11 @@ import resource
 import threading
 import time
 
-import keras
+# Only light imports here: keras, TensorFlow and scikit-learn load after the
+# flags are parsed, so a bad flag is refused in a fraction of a second.
 import numpy as np
-from sklearn.cluster import KMeans
 
-from stl10_keras import kmeans as km
 from stl10_keras.config import preset
-from stl10_keras.model import build_model
 from _common import cpu_name
 
 
@@ -92,6 +90,10 @@ def _current_rss_mb() -> float:
 
 
 def _timed_fit(algo: str, z: np.ndarray, k: int, kconfig, seed: int):
+    from sklearn.cluster import KMeans
+
+    from stl10_keras import kmeans as km
+
     start = time.perf_counter()
     if algo == "MiniBatchKMeans":
         _, inertia, n_iter = km.fit_centroids(z, k, kconfig, seed)
@@ -112,6 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.images < 1 or args.patches_per_image < 1:
         parser.error("--images and --patches-per-image must be >= 1.")
+
+    import keras
+
+    from stl10_keras import kmeans as km
+    from stl10_keras.model import build_model
 
     config = preset("default", variant="kmeans12")
     config.kmeans.num_images = args.images

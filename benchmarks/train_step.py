@@ -21,15 +21,19 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import keras  # noqa: E402
+# Only light imports here: keras (and TensorFlow behind it) load after the
+# flags are parsed, so a bad flag is refused in a fraction of a second.
 import numpy as np  # noqa: E402
 
 from stl10_keras.config import preset  # noqa: E402
-from stl10_keras.model import build_model  # noqa: E402
 from _common import cpu_name  # noqa: E402
 
 
 def make_model(batch_norm: str, jit: str, args) -> keras.Model:
+    import keras
+
+    from stl10_keras.model import build_model
+
     config = preset("default", "stl10", "baseline")
     config.model.batch_norm = batch_norm
     config.model.widths = tuple(int(w) for w in args.widths.split(","))
@@ -72,6 +76,8 @@ def main() -> None:
     if min(args.image_size, args.batch_size, args.steps, args.rounds, *widths) < 1:
         p.error("--image-size, --batch-size, --steps, --rounds and --widths must be "
                 ">= 1.")
+
+    import keras
 
     rng = np.random.default_rng(0)
     s = args.image_size
