@@ -307,23 +307,8 @@ def test_an_interrupted_run_resumes_from_its_last_epoch(tmp_path):
     run = tmp_path / "run"
     args = ["--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
             "--epochs", "6", "--run-dir", str(run), "--no-export", "--verbose", "2"]
-    proc = subprocess.Popen([sys.executable, "-m", "stl10_keras.train", *args],
-                            cwd=ROOT, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
     history = run / "history.csv"
-    deadline = time.time() + 400
-    try:
-        while time.time() < deadline:
-            if history.exists() and len(history.read_text().splitlines()) >= 3:
-                break  # header + 2 epochs done
-            if proc.poll() is not None:
-                pytest.fail("training ended before it could be interrupted")
-            time.sleep(0.2)
-        else:
-            pytest.fail("training made no progress")
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up: a hard crash
-        proc.wait()
+    _kill_after_epochs(args, history, 2)  # no chance to clean up: a hard crash
     assert not (run / "metrics.json").exists()
     done_before = len(history.read_text().splitlines()) - 1
     resumed = _cli(*args)
