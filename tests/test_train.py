@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from stl10_keras.config import Config, ConfigError, preset
-from stl10_keras.train import build_parser, config_from_args
+from stl10_keras.cli import build_train_parser as build_parser, config_from_args
 
 
 def _cli(*args, timeout=600):
@@ -177,7 +177,7 @@ def _fake_finished_run(run, config):
 
 def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, capsys):
     # It used to print the finished run's results as if they were this config's.
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     run = tmp_path / "run"
     _fake_finished_run(run, preset("smoke", "digits"))
@@ -199,7 +199,7 @@ def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, ca
 
 @pytest.mark.parametrize("name", ["config.json", "metrics.json"])
 def test_a_corrupted_run_file_is_one_sentence(tmp_path, capsys, name):
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     run = tmp_path / "run"
     _fake_finished_run(run, preset("smoke", "digits"))
@@ -215,7 +215,7 @@ def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
         tmp_path, capsys):
     # The offline error tells the user to pass --data-dir DIR; doing so into the
     # same run dir used to be refused as "a run with a different config".
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     run = tmp_path / "run"
     flags = ["--preset", "smoke", "--no-download", "--no-export", "--run-dir", str(run)]
@@ -229,7 +229,7 @@ def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
 
 
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     path = tmp_path / "notes.txt"
     path.write_text("mine")
@@ -420,7 +420,7 @@ def test_readme_documents_every_train_flag_and_the_run_names():
     assert set(flags.findall(section)) - options == set()  # no missing flag is
     # The documented default names, for each kind of preset.
     assert "`runs/DATASET_VARIANT[_PRESET]_sSEED`" in section
-    from stl10_keras.train import default_run_name
+    from stl10_keras.cli import default_run_name
 
     assert default_run_name(preset("default", "digits")) == "digits_kmeans12_s0"
     assert default_run_name(preset("smoke", "digits", "baseline")) \
