@@ -168,7 +168,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="keras progress: 0 silent, 1 progress bar, 2 one line/epoch")
     g = parser.add_argument_group(
         "distribution",
-        "data-parallel training; --batch-size stays the global batch (README)")
+        "data-parallel training; --batch-size stays the global batch "
+        "(docs/scale-out.md)")
     g.add_argument("--distribution", choices=("none", "mirrored", "data-parallel"),
                    default="none",
                    help="mirrored: tf.distribute.MirroredStrategy "

@@ -682,7 +682,8 @@ def embed(
     from tqdm import tqdm
 
     # t-SNE's OpenMP threads meet at a barrier every iteration; on a 2-core CPU
-    # that other processes kept busy, one thread ran this 3x faster (README).
+    # that other processes kept busy, one thread ran this 3x faster
+    # (docs/embeddings.md).
     limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
     with limit:
         for name in tqdm(names, desc="kNN" + (" + t-SNE" if tsne else ""),

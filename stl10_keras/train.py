@@ -54,7 +54,7 @@ def jit_compile_setting():
 
     Measured with benchmarks/train_step.py on a 2-core CPU: at 32x32 a training
     step with XLA took 2x the time of one without; at 96x96 they were within
-    noise (see README).
+    noise (see docs/performance.md).
     """
     import keras
 

@@ -403,26 +403,3 @@ def test_default_variant_kmeans12_writes_the_figures_and_kmeans_record(tmp_path)
     tags = set(events.Tags()["tensors"])
     assert {"figure3_augmentation", "figure1_kmeans_centroids_3x3",
             "figure2_filters_stage1"} <= tags
-
-
-def test_readme_documents_every_train_flag_and_the_run_names():
-    import re
-
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Training:")[1].split("### The model")[0]
-    # Augmentation and k-means flags are documented in their own sections.
-    through_kmeans = readme.split("## Training:")[1].split("## Ablation")[0]
-    parser = build_parser()
-    options = {o for a in parser._actions for o in a.option_strings
-               if o.startswith("--") and o != "--help"}
-    flags = re.compile(r"[`/](--[a-z][a-z-]*)")  # `--augment/--no-augment`
-    assert options - set(flags.findall(through_kmeans)) == set()  # each is documented
-    assert set(flags.findall(section)) - options == set()  # no missing flag is
-    # The documented default names, for each kind of preset.
-    assert "`runs/DATASET_VARIANT[_PRESET]_sSEED`" in section
-    from stl10_keras.cli import default_run_name
-
-    assert default_run_name(preset("default", "digits")) == "digits_kmeans12_s0"
-    assert default_run_name(preset("smoke", "digits", "baseline")) \
-        == "digits_baseline_smoke_s0"
-    assert preset("smoke", "digits").train.epochs == 1  # README: smoke keeps 1 epoch
