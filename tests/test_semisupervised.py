@@ -283,8 +283,11 @@ def test_distribution_with_fixmatch_is_one_sentence(tmp_path):
 @pytest.mark.e2e
 def test_fixmatch_trains_logs_exports_the_ema_weights_from_the_cli(tmp_path):
     run, export = tmp_path / "run", tmp_path / "export"
+    # Batches of 40 divide digits' 400 training images: every step's loss
+    # counts alike in the epoch's mean, so loss = supervised + unlabeled.
     proc = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "fixmatch",
-                "--epochs", "2", "--widths", "4,8", "--fc-units", "16",
+                "--epochs", "2", "--batch-size", "40", "--widths", "4,8",
+                "--fc-units", "16",
                 "--confidence-threshold", "0.3", "--run-dir", str(run),
                 "--export-dir", str(export), "--verbose", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -296,7 +299,7 @@ def test_fixmatch_trains_logs_exports_the_ema_weights_from_the_cli(tmp_path):
         assert np.isfinite(last[key]), key
     assert "val_mask_rate" not in last
     assert last["mask_rate"] > 0  # tau 0.3 on 10 classes: some pseudo-labels count
-    # loss = supervised + 1.0 * unlabeled, each averaged over the epoch's steps.
+    # loss = supervised + 1.0 * unlabeled (the default lambda).
     assert last["loss"] == pytest.approx(
         last["supervised_loss"] + last["unlabeled_loss"], rel=1e-4)
     assert (run / "figures" / "strong_augmentation.png").exists()
@@ -328,7 +331,7 @@ def test_a_resumed_fixmatch_run_has_the_history_of_an_uninterrupted_one(tmp_path
     from test_train import _kill_after_epochs
 
     args = ["--dataset", "digits", "--preset", "smoke", "--variant", "fixmatch",
-            "--epochs", "4", "--widths", "4,8", "--fc-units", "16",
+            "--epochs", "3", "--widths", "4,8", "--fc-units", "16",
             "--confidence-threshold", "0.3", "--no-export", "--verbose", "0"]
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
     proc = _cli(*args, "--run-dir", str(whole))
@@ -356,7 +359,8 @@ def test_fixmatch_trains_under_jax(tmp_path):
     run = tmp_path / "run"
     env = subprocess_env(KERAS_BACKEND="jax", XLA_FLAGS=FAST_XLA)
     proc = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "fixmatch",
-                "--epochs", "1", "--widths", "4,8", "--fc-units", "16",
+                "--epochs", "1", "--batch-size", "40", "--widths", "4,8",
+                "--fc-units", "16",
                 "--confidence-threshold", "0.3", "--run-dir", str(run), "--no-export",
                 "--verbose", "0", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
