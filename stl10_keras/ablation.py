@@ -198,7 +198,7 @@ def check_existing_runs(
         path = ablation_dir / run_name(variant, seed) / "config.json"
         if not path.exists():
             continue
-        old = _flatten(_read_run_file(path))
+        old = _flatten(cfg.with_later_sections(_read_run_file(path), config))
         new = _flatten(json.loads(config.to_json()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:

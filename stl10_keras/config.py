@@ -257,6 +257,18 @@ _SECTIONS = {
 }
 
 
+def with_later_sections(d: Any, current: Config) -> Any:
+    """A config.json dict with the sections added since it was written, to be
+    compared with `current`: a run from before `semi_supervised` trained
+    without it, which is what `current` does when its method is `none`."""
+    if isinstance(d, dict) and "semi_supervised" not in d:
+        section = (current.semi_supervised
+                   if current.semi_supervised.method == "none"
+                   else SemiSupervisedConfig())
+        d = {**d, "semi_supervised": dataclasses.asdict(section)}
+    return d
+
+
 def _section_from_dict(cls: type, d: dict[str, Any]) -> Any:
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(d) - set(names)

@@ -191,7 +191,7 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     config_path = run_dir / "config.json"
     # Checked before a finished run is reported: its results are not this config's.
     if config_path.exists():
-        previous = read_run_json(config_path)
+        previous = cfg.with_later_sections(read_run_json(config_path), config)
         if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "

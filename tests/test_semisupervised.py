@@ -368,3 +368,17 @@ def test_fixmatch_trains_under_jax(tmp_path):
     assert last["mask_rate"] > 0 and np.isfinite(last["unlabeled_loss"])
     assert last["loss"] == pytest.approx(
         last["supervised_loss"] + last["unlabeled_loss"], rel=1e-4)
+
+
+def test_a_run_from_before_semi_supervised_existed_is_not_refused(tmp_path):
+    from stl10_keras.distribute import Distributed
+    from stl10_keras.train import _prepare
+
+    config = preset("smoke", "digits", "kmeans12")
+    old = json.loads(config.to_json())
+    del old["semi_supervised"]  # a config.json written before the section
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _prepare(config, tmp_path, None, False, Distributed())  # no ConfigError
+    fixmatch = preset("smoke", "digits", "fixmatch")
+    with pytest.raises(ConfigError, match="different config"):
+        _prepare(fixmatch, tmp_path, None, False, Distributed())
