@@ -194,8 +194,8 @@ class StrongAugment(keras.layers.Layer):
         batch = ops.shape(images)[0]
         chosen = self._chosen_ops(batch)
         u = keras.random.uniform((batch, len(OPS)), seed=self.seed_generator)
-        sign = ops.sign(keras.random.uniform((batch, len(OPS)), seed=self.seed_generator)
-                        - 0.5)
+        flip = keras.random.uniform((batch, len(OPS)), seed=self.seed_generator)
+        sign = ops.sign(flip - 0.5)
         strength = u * self.magnitude
 
         def amount(name, signed=False):

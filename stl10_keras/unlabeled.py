@@ -79,7 +79,7 @@ class UnlabeledStream:
         want = self.batch_size - position % self.batch_size
         while True:
             start = 0
-            for chunk_index, (images, labels) in enumerate(self._chunks(pass_index)):
+            for images, labels in self._chunks(pass_index):
                 stop = start + len(images)
                 if stop <= offset:
                     start = stop
