@@ -283,18 +283,26 @@ def test_distribution_with_fixmatch_is_one_sentence(tmp_path):
     assert "one device" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.e2e
-def test_fixmatch_trains_logs_exports_the_ema_weights_from_the_cli(tmp_path):
-    run, export = tmp_path / "run", tmp_path / "export"
-    # Batches of 40 divide digits' 400 training images: every step's loss
-    # counts alike in the epoch's mean, so loss = supervised + unlabeled.
-    proc = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "fixmatch",
-                "--epochs", "2", "--batch-size", "40", "--widths", "4,8",
-                "--fc-units", "16",
-                "--confidence-threshold", "0.3", "--run-dir", str(run),
-                "--export-dir", str(export), "--verbose", "2")
+# Batches of 40 divide digits' 400 training images: every step's loss counts
+# alike in the epoch's mean, so loss = supervised + unlabeled holds per epoch.
+FIXMATCH_RUN = ["--dataset", "digits", "--preset", "smoke", "--variant", "fixmatch",
+                "--epochs", "3", "--batch-size", "40", "--widths", "4,8",
+                "--fc-units", "16", "--confidence-threshold", "0.3", "--verbose", "0"]
+
+
+@pytest.fixture(scope="module")
+def fixmatch_run(tmp_path_factory):
+    """One uninterrupted FixMatch run from the CLI, exported (shared by two tests)."""
+    folder = tmp_path_factory.mktemp("fixmatch")
+    run, export = folder / "run", folder / "export"
+    proc = _cli(*FIXMATCH_RUN, "--run-dir", str(run), "--export-dir", str(export))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = json.loads((run / "metrics.json").read_text())
+    return run, export, json.loads((run / "metrics.json").read_text())
+
+
+@pytest.mark.e2e
+def test_fixmatch_trains_logs_exports_the_ema_weights_from_the_cli(fixmatch_run):
+    run, export, metrics = fixmatch_run
     assert metrics["semi_supervised"] == "fixmatch"
     last = metrics["history"][-1]
     for key in ("supervised_loss", "unlabeled_loss", "mask_rate",
@@ -330,21 +338,18 @@ def test_fixmatch_trains_logs_exports_the_ema_weights_from_the_cli(tmp_path):
 
 
 @pytest.mark.e2e
-def test_a_resumed_fixmatch_run_has_the_history_of_an_uninterrupted_one(tmp_path):
+def test_a_resumed_fixmatch_run_has_the_history_of_an_uninterrupted_one(
+        fixmatch_run, tmp_path):
     from test_train import _kill_after_epochs
 
-    args = ["--dataset", "digits", "--preset", "smoke", "--variant", "fixmatch",
-            "--epochs", "3", "--widths", "4,8", "--fc-units", "16",
-            "--confidence-threshold", "0.3", "--no-export", "--verbose", "0"]
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    proc = _cli(*args, "--run-dir", str(whole))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _kill_after_epochs([*args, "--run-dir", str(resumed)], resumed / "history.csv", 2)
+    _, _, want = fixmatch_run
+    resumed = tmp_path / "resumed"
+    args = [*FIXMATCH_RUN, "--no-export", "--run-dir", str(resumed)]
+    _kill_after_epochs(args, resumed / "history.csv", 2)
     assert not (resumed / "metrics.json").exists()
-    proc = _cli(*args, "--run-dir", str(resumed))
+    proc = _cli(*args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads((resumed / "metrics.json").read_text())
-    want = json.loads((whole / "metrics.json").read_text())
     assert got["resumed"] is True and want["resumed"] is False
     # Same unlabeled batches, augmentation draws, weights and EMA after the
     # resume; the tolerance only allows a multi-threaded sum in another order.
