@@ -153,6 +153,10 @@ def test_the_three_views_go_through_the_network_as_one_batch():
     assert [tuple(t.shape) for t in (labeled, weak, strong)] == [(3, 10), (6, 10),
                                                                  (6, 10)]
     assert seen == [(3 + 6 + 6, 8, 8, 3)]
+    clone = fm.__class__.from_config(fm.get_config())
+    assert clone.confidence_threshold == fm.confidence_threshold
+    assert clone.strong.get_config() == fm.strong.get_config()
+    assert clone.count_params() == fm.count_params()
 
 
 def test_keras_ema_matches_a_numpy_ema_and_ends_in_the_model():
