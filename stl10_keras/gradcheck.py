@@ -631,7 +631,6 @@ def check_masked_layer(
     """`ManualBatchNorm(x, mask=...)` in float64 against numpy: the output and
     the batch statistics (momentum 0) over the unmasked positions only."""
     shape = mask.shape + (channels,)
-    axes = tuple(range(len(shape) - 1))
     x = rng.normal(2.0, 3.0, shape)
     layer = ManualBatchNorm(epsilon=EPSILON, momentum=0.0, dtype="float64")
     layer.build(shape)

@@ -2,12 +2,13 @@
 
 A drop-in for `keras.layers.BatchNormalization` (keras' own tests of that
 layer pass against it, batch renormalisation aside). Backend-agnostic: imports
-keras only (TensorFlow only for `synchronized=True`, which keras supports on
-the TensorFlow backend only), so the model that uses it trains under
+keras only (never tensorflow), so the model that uses it trains under
 TensorFlow, JAX or PyTorch.
 """
 
 from __future__ import annotations
+
+import sys
 
 import keras
 from keras import constraints, initializers, ops, regularizers
@@ -27,8 +28,10 @@ def _replica_sum():
     None outside a replica context or with one replica: the statistics are
     then the local batch's, as keras' `ops.moments(synchronized=True)` does.
     """
-    import tensorflow as tf  # synchronized=True exists on TensorFlow only
-
+    # synchronized=True is refused on every other backend, and on TensorFlow
+    # keras has loaded it already: use that module; the core imports no
+    # TensorFlow, so it runs where TensorFlow is absent.
+    tf = sys.modules["tensorflow"]
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
         return None
