@@ -414,10 +414,10 @@ def batch_norm_backward(
     # dE/dx_k = dE/dx_hat_k / sqrt(.) + w_k (dE/dmu / m + dE/dsigma^2 2 (x_k - mu) / m),
     # with the per-channel factors gathered first so that only three
     # element-wise passes touch the whole tensor.
-    through_stats = centred * (dvar * 2.0 / m) + dmu / m
-    if weights is not None:
-        through_stats = through_stats * weights
-    dx = dy * gamma_inv_std + through_stats
+    if weights is None:
+        dx = dy * gamma_inv_std + centred * (dvar * 2.0 / m) + dmu / m
+    else:  # the statistics' paths reach the unmasked positions only
+        dx = dy * gamma_inv_std + (centred * (dvar * 2.0 / m) + dmu / m) * weights
     dgamma = local_dy_centred * inv_std  # sum_k dE/dy_k x_hat_k
     dbeta = local_dy  # sum_k dE/dy_k
     return BatchNormGradients(dx, dmu, dvar, dgamma, dbeta, dmu_second)
