@@ -36,7 +36,10 @@ def _pytest(backend: str) -> subprocess.Popen:
     )
     cmd = [sys.executable, "-m", "pytest", str(KERAS_TESTS), "-k", LEFT_OUT,
            "-p", "manual_bn_keras_plugin", "-p", "no:cacheprovider",
-           "-o", "addopts=", "-q", "-rfEs", "-W", "ignore::UserWarning"]
+           # This repository's settings, whichever pytest.ini sits above the
+           # venv; without its addopts (one process, no xdist).
+           "-c", str(ROOT / "pytest.ini"), "-o", "addopts=",
+           "-q", "-rfEs", "-W", "ignore::UserWarning"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
