@@ -33,12 +33,18 @@ Edge cases run the library's layer path (`ManualBatchNorm`,
 float16 and bfloat16 inputs (statistics in float32), and a large offset with a
 tiny spread (variance from centred values).
 
-`main(argv, bn_backward=..., dag_backward=...)` takes a replacement backward
-pass (tests use it to feed a wrong gradient); `--inject-bug NAME` does the same
-from the command line for a demonstration. The replacement feeds the analytic
-rows of the derivation; the rows marked "via" (autodiff through the
-custom-gradient modules and `batch_norm_train`) and the edge cases run the
-library as it is. The exit code is 1 when a check fails, 2 for a bad flag.
+The masked derivation (statistics over the unmasked positions, docs/backprop.md)
+gets every batch-norm check again, with the mask as `weights`: padded
+sequences `(batch, 5, channels)` and a fully masked batch, against the masked
+forward pass written plainly, and `ManualBatchNorm(x, mask=...)` against numpy.
+
+`main(argv, bn_backward=..., dag_backward=..., masked_bn_backward=...)` takes a
+replacement backward pass (tests use it to feed a wrong gradient);
+`--inject-bug NAME` does the same from the command line for a demonstration.
+The replacement feeds the analytic rows of the derivation; the rows marked
+"via" (autodiff through the custom-gradient modules and `batch_norm_train`) and
+the edge cases run the library as it is. The exit code is 1 when a check fails,
+2 for a bad flag; the flags are checked before keras loads.
 """
 
 from __future__ import annotations
