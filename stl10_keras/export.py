@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+
+from stl10_keras.io_utils import crash_point
 
 if TYPE_CHECKING:
     import keras
@@ -192,22 +193,36 @@ def export_saved_model(
         fn=serve_bytes,
         input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)],
     )
-    tmp = base / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    # One temporary folder name per version: what an export killed before its
+    # rename left behind is removed by the next export of that version (the
+    # rerun of the run, or the next export, which picks the same number).
+    tmp = temporary_dir(base, version)
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         archive.write_out(str(tmp), verbose=False)
         (tmp / CLASS_NAMES_FILE).parent.mkdir()
         (tmp / CLASS_NAMES_FILE).write_text(
             "".join(f"{n}\n" for n in class_names), encoding="utf-8")
+        crash_point("export")
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def temporary_dir(export_dir: str | os.PathLike, version: int) -> Path:
+    """Where version `version` is written before it is renamed into place.
+
+    Its name is not an integer, so TF Serving and `list_versions` skip it.
+    """
+    return Path(export_dir) / f".tmp-{int(version)}"
+
+
 def export_keras_file(
     model_path: str | os.PathLike,
     export_dir: str | os.PathLike,
     class_names: Sequence[str],
+    version: int | None = None,
 ) -> Path:
     """`export_saved_model` of a saved `model.keras` (TensorFlow backend only).
 
@@ -219,10 +234,12 @@ def export_keras_file(
         model_path: a `model.keras` written by `stl10_keras.train`.
         export_dir: the model base path.
         class_names: class names, index = class id.
+        version: the version number; None picks the next one.
 
     Returns:
         The path of the written version folder.
     """
     from stl10_keras.model import load_model
 
-    return export_saved_model(load_model(model_path), export_dir, class_names)
+    return export_saved_model(load_model(model_path), export_dir, class_names,
+                              version)

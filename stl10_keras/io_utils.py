@@ -62,6 +62,22 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+#: Test hook, not a user setting: `STL10_CRASH_AT=evaluation` makes a command
+#: kill itself with SIGKILL when it reaches that `crash_point` (a hard crash
+#: there, with no chance to clean up), so tests can check what a rerun does.
+CRASH_ENV = "STL10_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Die here, as a `kill -9` would, when `CRASH_ENV` names this point (tests)."""
+    if os.environ.get(CRASH_ENV) == name:
+        import signal
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # --- native start-up logs ---------------------------------------------------------
 
 # A line of absl's C++ log format (`I0000 00:00:1795793494.485599   22436

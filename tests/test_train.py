@@ -15,10 +15,10 @@ from stl10_keras.config import Config, ConfigError, preset
 from stl10_keras.cli import build_train_parser as build_parser, config_from_args
 
 
-def _cli(*args, timeout=600):
+def _cli(*args, timeout=600, **env):
     return subprocess.run(
         [sys.executable, "-m", "stl10_keras.train", *args], cwd=ROOT,
-        env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+        env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -403,3 +403,59 @@ def test_default_variant_kmeans12_writes_the_figures_and_kmeans_record(tmp_path)
     tags = set(events.Tags()["tensors"])
     assert {"figure3_augmentation", "figure1_kmeans_centroids_3x3",
             "figure2_filters_stage1"} <= tags
+
+
+def _served_probabilities(version_dir, images):
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    return fn(images=tf.constant(images))["probabilities"].numpy()
+
+
+@pytest.mark.e2e
+def test_a_run_killed_after_its_last_epoch_is_not_trained_again(tmp_path):
+    # keras' BackupAndRestore deletes backup/ when fit returns, so a run killed
+    # during evaluation or export used to train again from epoch 1, append a
+    # second history to history.csv and leave its .tmp-* export folder forever.
+    args = ["--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+            "--epochs", "2", "--verbose", "2"]
+    whole_run, whole_export = tmp_path / "whole", tmp_path / "whole_export"
+    proc = _cli(*args, "--run-dir", str(whole_run), "--export-dir", str(whole_export))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run, export = tmp_path / "run", tmp_path / "export"
+    flags = [*args, "--run-dir", str(run), "--export-dir", str(export)]
+    # Killed (SIGKILL) during evaluation; the rerun is killed during the export,
+    # after writing the SavedModel's temporary folder and before renaming it.
+    for step, trains in (("evaluation", True), ("export", False)):
+        proc = _cli(*flags, STL10_CRASH_AT=step)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert ("Epoch 1/2" in proc.stdout) == trains, proc.stdout
+        assert not (run / "metrics.json").exists()
+    assert sorted(p.name for p in export.iterdir()) == [".tmp-1"]
+    proc = _cli(*flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch" not in proc.stdout and "final weights" in proc.stdout
+    # No epoch was trained again: one history, no second set of rows.
+    with open(run / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    assert sorted(p.name for p in export.iterdir()) == ["1"]  # temp folder reused
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in whole_run.iterdir())  # nothing left for resuming
+    got = json.loads((run / "metrics.json").read_text())
+    want = json.loads((whole_run / "metrics.json").read_text())
+    assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-9)
+    assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)
+    assert [h.keys() for h in got["history"]] == [h.keys() for h in want["history"]]
+    for g, w in zip(got["history"], want["history"]):
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), (g, key)
+    # The SavedModel serves what the uninterrupted run's does.
+    from stl10_keras.data import load_splits
+
+    images = load_splits("digits", seed=0).x_val
+    np.testing.assert_allclose(_served_probabilities(export / "1", images),
+                               _served_probabilities(whole_export / "1", images),
+                               atol=1e-6)
+    # A finished run's rerun still does nothing.
+    again = _cli(*flags)
+    assert again.returncode == 0 and "already holds a finished run" in again.stdout
