@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 from stl10_keras import config as cfg
 from stl10_keras import runtime
 from stl10_keras.config import Config, ConfigError
-from stl10_keras.io_utils import (atomic_output, atomic_write_json, crash_point,
-                                  read_json)
+from stl10_keras.io_utils import (atomic_output, atomic_write_json,
+                                  check_output_dir, crash_point, read_json)
 
 if TYPE_CHECKING:
     from stl10_keras.distribute import Distributed
@@ -187,9 +187,9 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     if not dist.is_chief:
         export_dir = None
     run_dir = dist.run_dir(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory; pass "
-                          "another --run-dir.")
+    check_output_dir(run_dir, "--run-dir")
+    if export_dir is not None:
+        check_output_dir(export_dir, "--export-dir")
     if overwrite and run_dir.exists():
         _remove_run(run_dir, keep_process_dirs=dist.processes > 1)
     run = _Run(run_dir, export_dir, dist, has_tf)

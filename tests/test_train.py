@@ -71,6 +71,17 @@ def test_variants_set_augmentation_and_kmeans_stages():
     (["--val-per-class=-1"], "--val-per-class"),
     (["--kmeans-images", "0"], "--kmeans-images"),
     (["--kmeans-patches-per-image", "0"], "--kmeans-patches-per-image"),
+    # Non-finite values used to train an epoch (NaN) or for ever (inf) first.
+    (["--learning-rate", "nan"], "--learning-rate"),
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--lr-decay", "nan"], "--lr-decay"),
+    (["--lr-decay", "inf"], "--lr-decay"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--momentum", "inf"], "--momentum"),
+    (["--scale-range", "1.0,inf"], "--scale-range"),
+    (["--data-dir", "data"], "--data-dir is not used by --dataset digits"),
 ])
 def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
     args = build_parser().parse_args(["--dataset", "digits", *flags])
@@ -237,6 +248,91 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
                "--no-export"])
     assert rc == 2 and "is a file" in capsys.readouterr().err
     assert path.read_text() == "mine"
+
+
+def _refusal_before_tensorflow(*flags):
+    """Run train's main in a fresh process: (exit code, stderr, TF imported)."""
+    script = ("import sys; from stl10_keras.cli import main; rc = main(sys.argv[1:]); "
+              "print(rc, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script, *flags], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    rc, tf_loaded, keras_loaded = proc.stdout.split()[-3:]
+    return int(rc), proc.stderr, tf_loaded == "True" or keras_loaded == "True"
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--learning-rate", "nan"], "--learning-rate must be a positive finite"),
+    (["--lr-decay", "inf"], "--lr-decay must be a finite number"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--data-dir", "/data"], "--data-dir is not used by --dataset digits"),
+])
+def test_non_finite_values_are_refused_before_tensorflow_loads(tmp_path, flags,
+                                                               needle):
+    rc, err, loaded = _refusal_before_tensorflow(
+        "--dataset", "digits", *flags, "--run-dir", str(tmp_path / "run"))
+    assert rc == 2 and not loaded
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--export-dir", "--run-dir"])
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, flag,
+                                                                 where):
+    # --export-dir naming a file used to train the whole run, then end in a
+    # FileExistsError traceback (and, on each rerun, train again).
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    path = mine if where == "file" else mine / "sub"
+    dirs = {"--run-dir": str(tmp_path / "run"), "--export-dir": str(tmp_path / "e")}
+    dirs[flag] = str(path)
+    rc, err, loaded = _refusal_before_tensorflow(
+        "--dataset", "digits", "--preset", "smoke",
+        *(x for item in dirs.items() for x in item))
+    assert rc == 2 and not loaded
+    want = "is a file, not a directory" if where == "file" else \
+        f"because {mine} is a file"
+    assert err.startswith(f"error: {flag} {path}") and want in err, err
+    assert err.count("\n") == 1 and mine.read_text() == "mine"
+    assert not (tmp_path / "run").exists()
+
+
+def _without_root_file_access():
+    """In the child: drop root's power to ignore file modes (Linux capabilities).
+
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH leave the bounding set, so the
+    command, run as root, meets a read-only folder as any user would.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    export = readonly / "models" / "digits"
+    try:
+        script = ("import sys; from stl10_keras.cli import main; "
+                  "sys.exit(main(sys.argv[1:]))")
+        proc = subprocess.run(
+            [sys.executable, "-c", script, "--dataset", "digits", "--preset", "smoke",
+             "--run-dir", str(tmp_path / "run"), "--export-dir", str(export)],
+            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+            timeout=120,
+            preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    finally:
+        readonly.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: --export-dir {export} cannot be written "
+                           f"({readonly}: Permission denied); pass another "
+                           "--export-dir.\n")
+    assert not (tmp_path / "run").exists()
 
 
 # --- end to end -----------------------------------------------------------------
