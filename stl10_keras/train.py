@@ -353,6 +353,7 @@ def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
         "kmeans_seconds": kmeans_info["kmeans_seconds"] if kmeans_info else None,
         "kmeans": kmeans_info["layers"] if kmeans_info else None,
         "data": splits.summary(),
+        "class_names": list(splits.class_names),  # for `stl10_keras.export`
         "export_path": exported,
         **dist.record(),
     }

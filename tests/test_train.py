@@ -349,6 +349,8 @@ def test_smoke_run_end_to_end(tmp_path):
                 "wall_seconds"):
         assert key in metrics
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    # What `python -m stl10_keras.export` names the classes with.
+    assert metrics["class_names"] == [str(i) for i in range(10)]
     config = Config.from_json((run / "config.json").read_text())
     assert config.model.widths == (8, 16, 16, 32, 32)
     # The device line names what TensorFlow sees (its CUDA start-up errors are
