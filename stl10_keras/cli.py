@@ -247,6 +247,14 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     print(f"run dir: {run_dir}")
     if metrics.get("export_path"):
         print(f"SavedModel: {metrics['export_path']}")
+    print("next:")
+    print(f"  tensorboard --logdir {run_dir / 'logs'}")
+    if metrics.get("export_path"):
+        base = Path(metrics["export_path"]).parent
+        print(f"  python -m stl10_keras.serve --model-base-path {base}")
+        print(f"  python -m stl10_keras.predict --model {base} IMAGE.png")
+    else:
+        print(f"  python -m stl10_keras.export --run-dir {run_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

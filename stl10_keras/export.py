@@ -348,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("\nInterrupted; no partial version was left behind.", file=sys.stderr)
         return 130
     print(f"SavedModel: {path}")
-    print(f"serve it:   python -m stl10_keras.serve --model-base-path {base}")
+    print("next:")
+    print(f"  python -m stl10_keras.serve --model-base-path {base}")
+    print(f"  python -m stl10_keras.predict --model {base} IMAGE.png")
     return 0
 
 

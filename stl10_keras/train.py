@@ -100,6 +100,7 @@ def train(
     splits=None,
     kmeans_result: dict | None = None,
     distribution: "Distributed | None" = None,
+    device_line: bool = True,
 ) -> dict[str, Any]:
     """Train, evaluate and export one run; resumable.
 
@@ -116,6 +117,8 @@ def train(
         distribution: from `distribute.setup` (None: one device). Process
             I > 0 of a multi-host job writes to `RUN/process_I/` and does not
             save `model.keras` or export.
+        device_line: print the devices training uses first (when `verbose`);
+            a caller that trains many runs says it once itself.
 
     Returns:
         The metrics dict also written to `RUN/metrics.json`.
@@ -137,7 +140,7 @@ def train(
     atomic_write_json(run.dir / "config.json", config.to_dict())
 
     keras = runtime.load_keras()
-    if verbose:
+    if verbose and device_line:
         print(f"training on {runtime.device_summary(dist.devices)}")
     keras.utils.set_random_seed(config.train.seed)
     keras.mixed_precision.set_global_policy(

@@ -206,6 +206,9 @@ def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, ca
     assert main(flags) == 0
     out = capsys.readouterr().out
     assert "already holds a finished run" in out and "test accuracy 0.2500" in out
+    assert out.splitlines()[-3:] == [  # what to try next (no SavedModel yet)
+        "next:", f"  tensorboard --logdir {run / 'logs'}",
+        f"  python -m stl10_keras.export --run-dir {run}"]
 
 
 @pytest.mark.parametrize("name", ["config.json", "metrics.json"])
@@ -383,6 +386,11 @@ def test_smoke_run_end_to_end(tmp_path):
     diff, accuracy = map(float, out.stdout.split()[-2:])
     assert diff < 1e-5
     assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    # It ends with what to try next, on this run's paths.
+    assert proc.stdout.splitlines()[-4:] == [
+        "next:", f"  tensorboard --logdir {run / 'logs'}",
+        f"  python -m stl10_keras.serve --model-base-path {export}",
+        f"  python -m stl10_keras.predict --model {export} IMAGE.png"]
     # Rerunning a finished run does nothing and says so.
     again = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
                  "--epochs", "2", "--run-dir", str(run), "--export-dir", str(export))
