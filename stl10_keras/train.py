@@ -411,10 +411,21 @@ def _read_history(path: Path) -> list[dict[str, float]]:
 
 
 def _accuracy(model, images, labels, batch_size: int = 256) -> float:
+    """Top-1 accuracy, from eager forward passes in batches.
+
+    Not `model.predict`: every run's new model traces a new predict function,
+    and TensorFlow counts those traces across models (by the function's code),
+    so an ablation's fifth run in one process printed retracing warnings.
+    """
+    import keras
     import numpy as np
 
-    logits = model.predict(images, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+    predicted = [
+        np.argmax(keras.ops.convert_to_numpy(
+            model(images[i:i + batch_size].astype(np.float32), training=False)),
+            axis=-1)
+        for i in range(0, len(labels), batch_size)]
+    return float(np.mean(np.concatenate(predicted) == labels))
 
 
 def read_run_json(

@@ -565,3 +565,34 @@ def test_a_run_killed_after_its_last_epoch_is_not_trained_again(tmp_path):
     # A finished run's rerun still does nothing.
     again = _cli(*flags)
     assert again.returncode == 0 and "already holds a finished run" in again.stdout
+
+
+def test_accuracy_of_many_runs_in_one_process_warns_of_no_retracing(caplog):
+    # An ablation evaluates a new model per run; through model.predict the
+    # fifth one made TensorFlow warn about tf.function retracing.
+    import logging
+
+    import keras
+
+    from stl10_keras.model import build_model
+    from stl10_keras.train import _accuracy
+
+    rng = np.random.default_rng(0)
+    config = preset("smoke", "digits")
+    config.model.widths, config.model.fc_units = (4, 4), 8
+    config.model.convs_per_stage = (1, 1)
+    caplog.set_level(logging.WARNING)
+    evaluated = []
+    for run in range(6):
+        keras.backend.clear_session()
+        model = build_model(config, (32, 32, 3))
+        for n in (200, 300):  # a validation and a test split, partial batches
+            images = rng.integers(0, 256, (n, 32, 32, 3)).astype("uint8")
+            labels = rng.integers(0, 10, n)
+            got = _accuracy(model, images, labels, batch_size=128)
+            evaluated.append((model, images, labels, got))
+    assert "retracing" not in caplog.text
+    # The accuracies are keras' own predictions' (checked after: predict warns).
+    for model, images, labels, got in evaluated:
+        logits = model.predict(images.astype("float32"), verbose=0)
+        assert got == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-12)
