@@ -19,6 +19,7 @@ from typing import Sequence
 
 from stl10_keras import runtime
 from stl10_keras.config import ConfigError
+from stl10_keras.io_utils import check_output_dir
 from stl10_keras.cli import (
     add_config_arguments,
     config_from_args,
@@ -64,12 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         name = default_run_name(config)
+        root = args.pipeline_root or Path("runs") / "pipelines" / name
+        serving_dir = args.serving_dir or Path("saved_models") / name
+        check_output_dir(root, "--pipeline-root")
+        check_output_dir(serving_dir, "--serving-dir")
         from pipelines.pipeline import create_pipeline, run_pipeline
 
         pipeline = create_pipeline(
             config,
-            args.pipeline_root or Path("runs") / "pipelines" / name,
-            args.serving_dir or Path("saved_models") / name,
+            root,
+            serving_dir,
             accuracy_threshold=args.accuracy_threshold,
             num_shards=args.num_shards,
             verbose=args.verbose,

@@ -31,6 +31,7 @@ from stl10_keras.config import Config, ConfigError
 from stl10_keras.io_utils import (
     atomic_write_json,
     atomic_write_text,
+    check_output_dir,
     import_tensorflow,
 )
 
@@ -515,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = next(iter(plan.values()))
         ablation_dir = Path(args.run_dir) if args.run_dir else \
             default_ablation_dir(first)
+        check_output_dir(ablation_dir, "--run-dir")
         print(f"ablation of {len(cfg.VARIANTS)} variants x "
               f"{_plural(args.seeds, 'seed')} on {first.data.dataset} ({first.preset} "
               f"preset, {_plural(first.train.epochs, 'epoch')}) in {ablation_dir}")

@@ -235,6 +235,16 @@ def test_help_lists_no_flag_that_the_ablation_refuses():
     assert {"--seeds", "--augment-on", "--epochs", "--run-dir"} <= listed
 
 
+def test_a_run_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    assert ablation.main([*SMOKE, "--run-dir", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --run-dir {mine} is a file, not a directory; pass "
+                   "another --run-dir.\n")
+    assert mine.read_text() == "mine"
+
+
 def test_bad_flag_from_the_command_line_has_no_traceback(tmp_path):
     proc = _cli("--dataset", "digits", "--variant", "baseline", "--run-dir",
                 str(tmp_path))
