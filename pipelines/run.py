@@ -39,8 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("pipeline")
     g.add_argument("--pipeline-root", default=None,
                    help="where the artifacts and pipeline_run.json go (default "
-                        "runs/pipelines/DATASET_VARIANT[_PRESET]_sSEED; _PRESET only for "
-                        "paper and smoke)")
+                        "runs/pipelines/DATASET_VARIANT[_PRESET]_sSEED; _PRESET "
+                        "only for paper and smoke)")
     g.add_argument("--serving-dir", default=None,
                    help="TF Serving model base path the Pusher pushes to and the "
                         "Evaluator compares with (default saved_models/"

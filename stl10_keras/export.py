@@ -306,10 +306,10 @@ def run_export_inputs(run_dir: str | os.PathLike, export_dir: str | None
                           "train command with --overwrite.") from None
     previous = metrics.get("export_path")
     class_names = metrics.get("class_names")
-    if class_names is None and previous and (Path(previous) / CLASS_NAMES_FILE).is_file():
+    names_file = Path(previous) / CLASS_NAMES_FILE if previous else None
+    if class_names is None and names_file is not None and names_file.is_file():
         # Runs from before metrics.json recorded them: their last export has them.
-        class_names = (Path(previous) / CLASS_NAMES_FILE).read_text(
-            encoding="utf-8").splitlines()
+        class_names = names_file.read_text(encoding="utf-8").splitlines()
     if not class_names:
         raise ExportError(f"{metrics_path} does not record the class names; export "
                           "from Python with stl10_keras.export.export_keras_file.")
