@@ -484,7 +484,7 @@ def run_ablation(
 
                 from stl10_keras.train import train
 
-                if not announced and verbose:
+                if not announced:  # a status line, like the ones around it
                     log(f"training on {runtime.device_summary()}")
                     announced = True
                 keras.backend.clear_session()  # free the previous run's graphs
