@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,26 +36,17 @@ import numpy as np
 
 from stl10_keras import runtime
 from stl10_keras.config import Config, ConfigError
-from stl10_keras.io_utils import atomic_write_json, import_tensorflow
+from stl10_keras.io_utils import atomic_write_json
+from stl10_keras.projector import PROJECTOR_DIR, EmbedError, write_projector
 
 SPLITS = ("test", "validation", "train")
 POOLS = ("flatten", "avg")
 PIXELS = "pixels"
 FC = "fc1"
-# The projector refuses sprites larger than this on either side (WebGL textures).
-SPRITE_MAX_SIDE = 8192
 KNN_NEIGHBORS = 10
 KNN_FOLDS = 5
 PCA_DIMS = 50
-PROJECTOR_DIR = "projector"
-CHECKPOINT_PREFIX = "embedding.ckpt"
-METADATA_FILE = "metadata.tsv"
-SPRITE_FILE = "sprite.png"
 TRAIN_HINT = "python -m stl10_keras.train ... --run-dir {run_dir}"
-
-
-class EmbedError(RuntimeError):
-    """The embedding cannot be made; the message says what to change."""
 
 
 # --- layers and sampling --------------------------------------------------------
@@ -134,83 +123,6 @@ def stratified_sample(labels: np.ndarray, max_points: int, seed: int) -> np.ndar
 def min_points(num_classes: int) -> int:
     """The fewest points a k-fold, k-neighbour score can be computed on."""
     return max(KNN_FOLDS * num_classes, 2 * KNN_NEIGHBORS)
-
-
-# --- sprite ---------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class SpriteLayout:
-    """A square grid of thumbnails, `per_row` x `per_row`, row-major."""
-
-    per_row: int
-    thumb_height: int
-    thumb_width: int
-
-    @property
-    def height(self) -> int:
-        return self.per_row * self.thumb_height
-
-    @property
-    def width(self) -> int:
-        return self.per_row * self.thumb_width
-
-
-def sprite_layout(
-    num_points: int, image_height: int, image_width: int,
-    max_side: int = SPRITE_MAX_SIDE,
-) -> SpriteLayout:
-    """Lay `num_points` thumbnails out in a square sprite no wider than `max_side`.
-
-    Thumbnails keep the images' size when they fit and are shrunk (aspect
-    kept) when `ceil(sqrt(num_points))` of them would not.
-
-    Args:
-        num_points: thumbnails in the sprite.
-        image_height, image_width: the images' size.
-        max_side: the largest sprite side the projector accepts.
-
-    Returns:
-        A `SpriteLayout`.
-
-    Raises:
-        EmbedError: not even one-pixel thumbnails would fit.
-    """
-    if num_points < 1 or image_height < 1 or image_width < 1:
-        raise ValueError("sprite_layout needs at least one point of at least 1x1.")
-    per_row = math.isqrt(num_points - 1) + 1  # ceil(sqrt(n)), exact for big n
-    cell = max_side // per_row
-    if cell < 1:
-        raise EmbedError(
-            f"{num_points} thumbnails do not fit a {max_side}x{max_side} sprite even "
-            f"at one pixel each; lower --max-points to at most {max_side ** 2}."
-        )
-    longest = max(image_height, image_width)
-    if longest <= cell:
-        return SpriteLayout(per_row, image_height, image_width)
-    return SpriteLayout(per_row, max(1, image_height * cell // longest),
-                        max(1, image_width * cell // longest))
-
-
-def make_sprite(images: np.ndarray, layout: SpriteLayout) -> np.ndarray:
-    """Tile `(N, H, W, C)` uint8 images into the sprite `layout` describes.
-
-    Returns:
-        `(layout.height, layout.width, 3)` uint8 RGB, unused cells black.
-    """
-    from PIL import Image
-
-    n, h, w = images.shape[:3]
-    th, tw = layout.thumb_height, layout.thumb_width
-    sprite = np.zeros((layout.height, layout.width, 3), np.uint8)
-    for i in range(n):
-        image = images[i]
-        if image.ndim == 2 or image.shape[-1] == 1:
-            image = np.repeat(image.reshape(h, w, 1), 3, axis=-1)
-        if (th, tw) != (h, w):
-            image = np.asarray(Image.fromarray(image).resize((tw, th), Image.BOX))
-        r, c = divmod(i, layout.per_row)
-        sprite[r * th:(r + 1) * th, c * tw:(c + 1) * tw] = image
-    return sprite
 
 
 # --- features -------------------------------------------------------------------
@@ -332,198 +244,6 @@ def tsne_2d(features: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
 
 # --- outputs --------------------------------------------------------------------
 
-def write_projector(
-    log_dir: str | os.PathLike,
-    features: dict[str, np.ndarray],
-    labels: np.ndarray,
-    class_names: Sequence[str],
-    images: np.ndarray,
-    summary: str,
-) -> Path:
-    """Write a TensorBoard projector for `features` into `log_dir/projector/`.
-
-    One `tf.Variable` per layer is saved with `tf.train.Checkpoint`; every
-    embedding shares `metadata.tsv` (header `label\\tclass`) and the sprite of
-    thumbnails. An event file with `summary` (text) makes the folder a run
-    TensorBoard lists, which is how the projector plugin finds it. The folder
-    is built aside and swapped in, so a reader never sees half of it.
-
-    Args:
-        log_dir: the run's TensorBoard folder (`RUN/logs`).
-        features: `{layer: (N, D) float32}`.
-        labels: `(N,)` integer labels.
-        class_names: names by label.
-        images: `(N, H, W, C)` uint8 images for the sprite.
-        summary: markdown shown in TensorBoard's Text tab.
-
-    Returns:
-        The projector folder.
-    """
-    tf = import_tensorflow()  # before tensorboard, which may import it
-    from tensorboard.plugins import projector
-
-    from stl10_keras.visualize import save_png
-
-    log_dir = Path(log_dir)
-    final = log_dir / PROJECTOR_DIR
-    tmp = log_dir / f".{PROJECTOR_DIR}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-
-    variables = {name: tf.Variable(value, trainable=False, name=name)
-                 for name, value in features.items()}
-    tf.train.Checkpoint(**variables).save(str(tmp / CHECKPOINT_PREFIX))
-
-    rows = "".join(f"{int(y)}\t{class_names[int(y)]}\n" for y in labels)
-    (tmp / METADATA_FILE).write_text("label\tclass\n" + rows)
-
-    layout = sprite_layout(len(images), images.shape[1], images.shape[2])
-    save_png(make_sprite(images, layout), str(tmp / SPRITE_FILE))
-
-    config = projector.ProjectorConfig()
-    for name in features:
-        embedding = config.embeddings.add()
-        embedding.tensor_name = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
-        embedding.metadata_path = METADATA_FILE
-        embedding.sprite.image_path = SPRITE_FILE
-        embedding.sprite.single_image_dim.extend([layout.thumb_width,
-                                                  layout.thumb_height])
-    projector.visualize_embeddings(str(tmp), config)
-
-    writer = tf.summary.create_file_writer(str(tmp))
-    with writer.as_default():
-        tf.summary.text("embeddings", summary, step=0)
-    writer.close()
-
-    old = log_dir / f".{PROJECTOR_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _class_colors(num_classes: int):
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
-    return [cmap(i % cmap.N) for i in range(num_classes)]
-
-
-def _scatter(ax, points, labels, colors, size):
-    for c, color in enumerate(colors):
-        mask = labels == c
-        ax.scatter(points[mask, 0], points[mask, 1], s=size, color=color,
-                   linewidths=0, alpha=0.85)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
-def _legend_handles(class_names, colors):
-    from matplotlib.lines import Line2D
-
-    return [Line2D([], [], marker="o", linestyle="", color=color, markersize=6,
-                   label=name) for name, color in zip(class_names, colors)]
-
-
-def _layer_title(row: dict) -> str:
-    dims = f"{row['dims']} dims"
-    if row["stored_dims"] != row["dims"]:
-        dims += f" -> {row['stored_dims']}"
-    return (f"{row['name']} ({dims})\nkNN {row['knn_accuracy']:.3f}, "
-            f"on t-SNE {row['tsne_knn_accuracy']:.3f}")
-
-
-def save_tsne_figure(points, labels, class_names, row, path) -> np.ndarray:
-    """One layer's t-SNE map, coloured by class, with a legend of class names."""
-    from matplotlib.figure import Figure
-
-    from stl10_keras.visualize import figure_to_array, save_png
-
-    colors = _class_colors(len(class_names))
-    fig = Figure(figsize=(6.4, 5.2), dpi=100)
-    ax = fig.add_axes((0.03, 0.03, 0.74, 0.86))
-    _scatter(ax, points, labels, colors, size=10)
-    ax.set_title(_layer_title(row), fontsize=10)
-    ax.legend(handles=_legend_handles(class_names, colors), loc="center left",
-              bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False, title="class")
-    image = figure_to_array(fig)
-    save_png(image, str(path))
-    return image
-
-
-def save_tsne_grid(maps, labels, class_names, rows, path, title) -> np.ndarray:
-    """All layers' t-SNE maps side by side, one shared legend."""
-    from matplotlib.figure import Figure
-
-    from stl10_keras.visualize import figure_to_array, save_png
-
-    colors = _class_colors(len(class_names))
-    n = len(rows)
-    cols = min(4, n)
-    nrows = math.ceil(n / cols)
-    spare = nrows * cols > n  # an empty panel holds the legend
-    panel = 3.3
-    extra = 0.0 if spare else 1.5
-    fig = Figure(figsize=(cols * panel + extra, nrows * (panel + 0.4) + 0.4), dpi=100)
-    axes = fig.subplots(nrows, cols, squeeze=False)
-    for ax, row in zip(axes.flat, rows):
-        _scatter(ax, maps[row["name"]], labels, colors, size=4)
-        ax.set_title(_layer_title(row), fontsize=9)
-    for ax in list(axes.flat)[n:]:
-        ax.set_axis_off()
-    fig.subplots_adjust(left=0.02, right=1 - (extra + 0.1) / fig.get_figwidth(),
-                        top=1 - 0.75 / fig.get_figheight(), bottom=0.02,
-                        wspace=0.08, hspace=0.3)
-    handles = _legend_handles(class_names, colors)
-    if spare:
-        list(axes.flat)[n].legend(handles=handles, loc="center", fontsize=9,
-                                  frameon=False, title="class",
-                                  ncol=2 if len(class_names) > 10 else 1)
-    else:
-        fig.legend(handles=handles, loc="center right", fontsize=9, frameon=False,
-                   title="class")
-    fig.suptitle(title, fontsize=11)
-    image = figure_to_array(fig)
-    save_png(image, str(path))
-    return image
-
-
-def save_knn_chart(rows, num_classes, path) -> np.ndarray:
-    """Bar chart: kNN accuracy per layer, in the feature space and on the t-SNE map."""
-    from matplotlib.figure import Figure
-
-    from stl10_keras.visualize import figure_to_array, save_png
-
-    names = [r["name"] for r in rows]
-    x = np.arange(len(rows))
-    fig = Figure(figsize=(max(4.5, 0.9 * len(rows) + 1.5), 3.8), dpi=100)
-    ax = fig.add_subplot()
-    feature = [r["knn_accuracy"] for r in rows]
-    tsne = [r["tsne_knn_accuracy"] for r in rows]
-    has_tsne = all(t is not None for t in tsne)
-    width = 0.4 if has_tsne else 0.6
-    bars = [ax.bar(x - (width / 2 if has_tsne else 0), feature, width,
-                   label="feature space")]
-    if has_tsne:
-        bars.append(ax.bar(x + width / 2, tsne, width, label="2-D t-SNE"))
-    for b in bars:  # differences of a few points are the story: print them
-        ax.bar_label(b, fmt="%.2f", fontsize=7, padding=1)
-    ax.axhline(1.0 / num_classes, color="grey", linestyle="--", linewidth=1,
-               label="chance")
-    ax.set_xticks(x, names)
-    ax.set_ylim(0, 1.18)
-    ax.set_yticks(np.linspace(0, 1, 6))
-    ax.set_ylabel(f"{KNN_NEIGHBORS}-NN accuracy ({KNN_FOLDS}-fold CV)")
-    ax.set_title("Class separation per layer", fontsize=10)
-    ax.legend(fontsize=8, loc="upper left", ncol=3, frameon=False)
-    fig.tight_layout()
-    image = figure_to_array(fig)
-    save_png(image, str(path))
-    return image
-
-
 def _rounded(score: float) -> float:
     return round(score, 4)
 
@@ -568,6 +288,56 @@ def _read_run_config(run_dir: Path) -> Config:
         raise EmbedError(str(e)) from None
 
 
+@dataclass(frozen=True)
+class EmbedOptions:
+    """What to embed and how; `check` validates it once, before any work.
+
+    Args: as `embed`'s, of which this is the part that does not name the run.
+    """
+
+    split: str = "test"
+    layers: str = "all"
+    max_points: int = 2000
+    pool: str = "flatten"
+    perplexity: float = 30.0
+    seed: int = 0
+    tsne: bool = True
+    max_dims: int = 4096
+    batch_size: int = 64
+    threads: int | None = None
+
+    def check(self, config: Config) -> list[str]:
+        """Raise `EmbedError` for a bad option; the layer names for this run's model.
+
+        The checks that need the sample (enough images per class, a perplexity
+        below the number of points) are `_sample`'s.
+        """
+        if self.split not in SPLITS:
+            raise EmbedError(f"Unknown split '{self.split}'; choose one of "
+                             f"{', '.join(SPLITS)}.")
+        if self.pool not in POOLS:
+            raise EmbedError(f"Unknown pool '{self.pool}'; choose one of "
+                             f"{', '.join(POOLS)}.")
+        names = parse_layers(self.layers, len(config.model.widths))
+        needed = min_points(config.model.num_classes)
+        if self.max_points < needed:
+            raise EmbedError(
+                f"--max-points must be at least {needed} ({KNN_FOLDS} per class for "
+                f"{KNN_FOLDS}-fold cross-validation of the kNN score), got "
+                f"{self.max_points}."
+            )
+        if self.max_dims < 0 or self.batch_size < 1 or (
+                self.threads is not None and self.threads < 1):
+            raise EmbedError("--max-dims must be 0 or more, --batch-size and "
+                             "--threads at least 1.")
+        if self.tsne and self.perplexity <= 0:
+            raise EmbedError(f"--perplexity must be positive, got {self.perplexity}.")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds; a negative one was a traceback
+            raise EmbedError(f"--seed must be an integer in 0..4294967295, got "
+                             f"{self.seed}.")
+        return names
+
+
 def embed(
     run_dir: str | os.PathLike,
     split: str = "test",
@@ -610,53 +380,76 @@ def embed(
     """
     run_dir = Path(run_dir)
     config = _read_run_config(run_dir)
-    if split not in SPLITS:
-        raise EmbedError(f"Unknown split '{split}'; choose one of {', '.join(SPLITS)}.")
-    if pool not in POOLS:
-        raise EmbedError(f"Unknown pool '{pool}'; choose one of {', '.join(POOLS)}.")
-    num_stages = len(config.model.widths)
-    names = parse_layers(layers if isinstance(layers, str) else ",".join(layers),
-                         num_stages)
-    needed = min_points(config.model.num_classes)
-    if max_points < needed:
-        raise EmbedError(
-            f"--max-points must be at least {needed} ({KNN_FOLDS} per class for "
-            f"{KNN_FOLDS}-fold cross-validation of the kNN score), got {max_points}."
-        )
-    if max_dims < 0 or batch_size < 1 or (threads is not None and threads < 1):
-        raise EmbedError("--max-dims must be 0 or more, --batch-size and --threads "
-                         "at least 1.")
-    if tsne and perplexity <= 0:
-        raise EmbedError(f"--perplexity must be positive, got {perplexity}.")
-    if not 0 <= seed < 2**32:  # numpy's seeds; a negative one was a traceback
-        raise EmbedError(f"--seed must be an integer in 0..4294967295, got {seed}.")
+    options = EmbedOptions(
+        split, layers if isinstance(layers, str) else ",".join(layers), max_points,
+        pool, perplexity, seed, tsne, max_dims, batch_size, threads)
+    names = options.check(config)
+    splits = _load_splits(config, splits)
+    images, labels, counts = _sample(options, splits, config.model.num_classes)
+    model = _load_run_model(run_dir, len(config.model.widths))
+    features, dims = extract_features(model, images, names, pool, max_dims,
+                                      batch_size, seed, progress)
+    rows, maps = _score_layers(names, features, dims, labels, options, progress)
+    result: dict[str, Any] = {
+        "split": split,
+        "num_points": int(len(labels)),
+        "per_class": {splits.class_names[c]: int(n) for c, n in enumerate(counts)},
+        "pool": pool,
+        "max_dims": max_dims,
+        "perplexity": perplexity if tsne else None,
+        "seed": seed,
+        "knn": {"neighbors": KNN_NEIGHBORS, "folds": KNN_FOLDS,
+                "cv": "StratifiedKFold(shuffle=True, random_state=seed)"},
+        "layers": rows,
+        "projector": str(Path("logs") / PROJECTOR_DIR),
+    }
+    write_projector(run_dir / "logs", features, labels, splits.class_names, images,
+                    _summary_markdown(result))
+    figures = _write_figures(run_dir, maps, rows, labels, splits.class_names, options)
+    result["figures"] = [str(p.relative_to(run_dir)) for p in figures]
+    atomic_write_json(run_dir / "embed.json", result)
+    return result
 
+
+def _load_splits(config: Config, splits):
+    """The run's dataset (`splits` when preloaded); missing data is an `EmbedError`."""
+    if splits is not None:
+        return splits
     from stl10_keras import data as data_lib
 
-    if splits is None:
-        try:
-            splits = data_lib.load_splits_for(config)
-        except data_lib.DataUnavailableError as e:
-            raise EmbedError(str(e)) from None
+    try:
+        return data_lib.load_splits_for(config)
+    except data_lib.DataUnavailableError as e:
+        raise EmbedError(str(e)) from None
+
+
+def _sample(options: EmbedOptions, splits, num_classes: int):
+    """The stratified sample: `(images, labels, images per class)`, checked."""
     images, labels = {
         "test": (splits.x_test, splits.y_test),
         "validation": (splits.x_val, splits.y_val),
         "train": (splits.x_train, splits.y_train),
-    }[split]
-    chosen = stratified_sample(labels, max_points, seed)
+    }[options.split]
+    chosen = stratified_sample(labels, options.max_points, options.seed)
     images, labels = images[chosen], np.asarray(labels[chosen])
     counts = np.bincount(labels, minlength=len(splits.class_names))
-    if counts[counts > 0].min(initial=len(labels)) < KNN_FOLDS or len(labels) < needed:
+    if counts[counts > 0].min(initial=len(labels)) < KNN_FOLDS \
+            or len(labels) < min_points(num_classes):
         raise EmbedError(
-            f"The {split} split gives too few images per class for {KNN_FOLDS}-fold "
-            f"cross-validation ({counts.tolist()}); use a larger split."
+            f"The {options.split} split gives too few images per class for "
+            f"{KNN_FOLDS}-fold cross-validation ({counts.tolist()}); use a larger "
+            "split."
         )
-    if tsne and perplexity >= len(labels):
+    if options.tsne and options.perplexity >= len(labels):
         raise EmbedError(
-            f"--perplexity ({perplexity:g}) must be below the number of points "
-            f"({len(labels)}); lower it or raise --max-points."
+            f"--perplexity ({options.perplexity:g}) must be below the number of "
+            f"points ({len(labels)}); lower it or raise --max-points."
         )
+    return images, labels, counts
 
+
+def _load_run_model(run_dir: Path, num_stages: int):
+    """The run's `model.keras`, which must have the stages its config describes."""
     runtime.load_keras()
     from stl10_keras.model import load_model, stage_output_names
 
@@ -673,66 +466,61 @@ def embed(
             f"model.keras has {model_stages} stages but config.json describes "
             f"{num_stages}; the run dir is inconsistent, train it again."
         )
+    return model
 
-    features, dims = extract_features(model, images, names, pool, max_dims,
-                                      batch_size, seed, progress)
-    rows = []
-    maps = {}
+
+def _score_layers(names: list[str], features: dict, dims: dict,
+                  labels: np.ndarray, options: EmbedOptions, progress: bool
+                  ) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Per layer: its kNN score, and its t-SNE map and that map's score."""
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
+    rows, maps = [], {}
+    seed = options.seed
     # t-SNE's OpenMP threads meet at a barrier every iteration; on a 2-core CPU
     # that other processes kept busy, one thread ran this 3x faster
     # (docs/embeddings.md).
-    limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
+    limit = threadpool_limits(options.threads) if options.threads \
+        else contextlib.nullcontext()
     with limit:
-        for name in tqdm(names, desc="kNN" + (" + t-SNE" if tsne else ""),
-                         unit="layer", disable=not progress):
+        desc = "kNN + t-SNE" if options.tsne else "kNN"
+        for name in tqdm(names, desc=desc, unit="layer", disable=not progress):
             row = {"name": name, "dims": dims[name],
                    "stored_dims": int(features[name].shape[1]),
                    "knn_accuracy": _rounded(knn_accuracy(features[name], labels,
                                                          seed)),
                    "tsne_knn_accuracy": None}
-            if tsne:
-                maps[name] = tsne_2d(features[name], perplexity, seed)
+            if options.tsne:
+                maps[name] = tsne_2d(features[name], options.perplexity, seed)
                 row["tsne_knn_accuracy"] = _rounded(knn_accuracy(maps[name], labels,
                                                                  seed))
             rows.append(row)
+    return rows, maps
 
-    result: dict[str, Any] = {
-        "split": split,
-        "num_points": int(len(labels)),
-        "per_class": {splits.class_names[c]: int(n) for c, n in enumerate(counts)},
-        "pool": pool,
-        "max_dims": max_dims,
-        "perplexity": perplexity if tsne else None,
-        "seed": seed,
-        "knn": {"neighbors": KNN_NEIGHBORS, "folds": KNN_FOLDS,
-                "cv": "StratifiedKFold(shuffle=True, random_state=seed)"},
-        "layers": rows,
-        "projector": str(Path("logs") / PROJECTOR_DIR),
-    }
-    write_projector(run_dir / "logs", features, labels, splits.class_names, images,
-                    _summary_markdown(result))
 
+def _write_figures(run_dir: Path, maps: dict, rows: list[dict], labels,
+                   class_names, options: EmbedOptions) -> list[Path]:
+    """The t-SNE figures (one per layer and the grid) and the kNN chart."""
+    from stl10_keras.visualize import save_knn_chart, save_tsne_figure, save_tsne_grid
+
+    fig_dir = run_dir / "figures"
     figures = []
-    if tsne:
-        fig_dir = run_dir / "figures"
+    if options.tsne:
         for row in rows:
             path = fig_dir / f"tsne_{row['name']}.png"
-            save_tsne_figure(maps[row["name"]], labels, splits.class_names, row, path)
+            save_tsne_figure(maps[row["name"]], labels, class_names, row, path)
             figures.append(path)
         path = fig_dir / "tsne_grid.png"
-        save_tsne_grid(maps, labels, splits.class_names, rows, path,
-                       f"t-SNE of each layer: {len(labels)} {split} images, "
-                       f"stage outputs {_POOL_WORDS[pool]}")
+        save_tsne_grid(maps, labels, class_names, rows, path,
+                       f"t-SNE of each layer: {len(labels)} {options.split} images, "
+                       f"stage outputs {_POOL_WORDS[options.pool]}")
         figures.append(path)
-    path = run_dir / "figures" / "embed_knn.png"
-    save_knn_chart(rows, len(splits.class_names), path)
+    path = fig_dir / "embed_knn.png"
+    save_knn_chart(rows, len(class_names), path,
+                   f"{KNN_NEIGHBORS}-NN accuracy ({KNN_FOLDS}-fold CV)")
     figures.append(path)
-    result["figures"] = [str(p.relative_to(run_dir)) for p in figures]
-    atomic_write_json(run_dir / "embed.json", result)
-    return result
+    return figures
 
 
 # --- command line ---------------------------------------------------------------

@@ -287,3 +287,119 @@ def filters_figure(model, run_dir: Path) -> None:
     kernel = keras.ops.convert_to_numpy(model.get_layer("stage1_conv").kernel)
     image = save_filter_grid(kernel, str(run_dir / "figures" / "filters_stage1.png"))
     log_image(run_dir / "logs", "figure2_filters_stage1", image)
+
+
+# --- embeddings: t-SNE maps and kNN scores per layer (`embed`) ----------------
+
+def _class_colors(num_classes: int):
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if num_classes <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(num_classes)]
+
+
+def _scatter(ax, points, labels, colors, size):
+    for c, color in enumerate(colors):
+        mask = labels == c
+        ax.scatter(points[mask, 0], points[mask, 1], s=size, color=color,
+                   linewidths=0, alpha=0.85)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _legend_handles(class_names, colors):
+    from matplotlib.lines import Line2D
+
+    return [Line2D([], [], marker="o", linestyle="", color=color, markersize=6,
+                   label=name) for name, color in zip(class_names, colors)]
+
+
+def _layer_title(row: dict) -> str:
+    dims = f"{row['dims']} dims"
+    if row["stored_dims"] != row["dims"]:
+        dims += f" -> {row['stored_dims']}"
+    return (f"{row['name']} ({dims})\nkNN {row['knn_accuracy']:.3f}, "
+            f"on t-SNE {row['tsne_knn_accuracy']:.3f}")
+
+
+def save_tsne_figure(points, labels, class_names, row, path) -> np.ndarray:
+    """One layer's t-SNE map, coloured by class, with a legend of class names."""
+    from matplotlib.figure import Figure
+
+    colors = _class_colors(len(class_names))
+    fig = Figure(figsize=(6.4, 5.2), dpi=100)
+    ax = fig.add_axes((0.03, 0.03, 0.74, 0.86))
+    _scatter(ax, points, labels, colors, size=10)
+    ax.set_title(_layer_title(row), fontsize=10)
+    ax.legend(handles=_legend_handles(class_names, colors), loc="center left",
+              bbox_to_anchor=(1.02, 0.5), fontsize=9, frameon=False, title="class")
+    image = figure_to_array(fig)
+    save_png(image, str(path))
+    return image
+
+
+def save_tsne_grid(maps, labels, class_names, rows, path, title) -> np.ndarray:
+    """All layers' t-SNE maps side by side, one shared legend."""
+    from matplotlib.figure import Figure
+
+    colors = _class_colors(len(class_names))
+    n = len(rows)
+    cols = min(4, n)
+    nrows = math.ceil(n / cols)
+    spare = nrows * cols > n  # an empty panel holds the legend
+    panel = 3.3
+    extra = 0.0 if spare else 1.5
+    fig = Figure(figsize=(cols * panel + extra, nrows * (panel + 0.4) + 0.4), dpi=100)
+    axes = fig.subplots(nrows, cols, squeeze=False)
+    for ax, row in zip(axes.flat, rows):
+        _scatter(ax, maps[row["name"]], labels, colors, size=4)
+        ax.set_title(_layer_title(row), fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.set_axis_off()
+    fig.subplots_adjust(left=0.02, right=1 - (extra + 0.1) / fig.get_figwidth(),
+                        top=1 - 0.75 / fig.get_figheight(), bottom=0.02,
+                        wspace=0.08, hspace=0.3)
+    handles = _legend_handles(class_names, colors)
+    if spare:
+        list(axes.flat)[n].legend(handles=handles, loc="center", fontsize=9,
+                                  frameon=False, title="class",
+                                  ncol=2 if len(class_names) > 10 else 1)
+    else:
+        fig.legend(handles=handles, loc="center right", fontsize=9, frameon=False,
+                   title="class")
+    fig.suptitle(title, fontsize=11)
+    image = figure_to_array(fig)
+    save_png(image, str(path))
+    return image
+
+
+def save_knn_chart(rows, num_classes, path, ylabel: str) -> np.ndarray:
+    """Bar chart: kNN accuracy per layer, in the feature space and on the t-SNE map."""
+    from matplotlib.figure import Figure
+
+    names = [r["name"] for r in rows]
+    x = np.arange(len(rows))
+    fig = Figure(figsize=(max(4.5, 0.9 * len(rows) + 1.5), 3.8), dpi=100)
+    ax = fig.add_subplot()
+    feature = [r["knn_accuracy"] for r in rows]
+    tsne = [r["tsne_knn_accuracy"] for r in rows]
+    has_tsne = all(t is not None for t in tsne)
+    width = 0.4 if has_tsne else 0.6
+    bars = [ax.bar(x - (width / 2 if has_tsne else 0), feature, width,
+                   label="feature space")]
+    if has_tsne:
+        bars.append(ax.bar(x + width / 2, tsne, width, label="2-D t-SNE"))
+    for b in bars:  # differences of a few points are the story: print them
+        ax.bar_label(b, fmt="%.2f", fontsize=7, padding=1)
+    ax.axhline(1.0 / num_classes, color="grey", linestyle="--", linewidth=1,
+               label="chance")
+    ax.set_xticks(x, names)
+    ax.set_ylim(0, 1.18)
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.set_ylabel(ylabel)
+    ax.set_title("Class separation per layer", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", ncol=3, frameon=False)
+    fig.tight_layout()
+    image = figure_to_array(fig)
+    save_png(image, str(path))
+    return image

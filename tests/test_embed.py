@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from stl10_keras import embed as embed_lib
+from stl10_keras import projector
 from stl10_keras.config import preset
 
 LAYERS = ["pixels", "stage1", "stage2", "stage3", "stage4", "stage5", "fc1"]
@@ -290,7 +291,7 @@ def test_stratified_sample_is_equal_per_class_as_far_as_possible():
 @pytest.mark.parametrize("n", [1, 2, 300, 2000, 8192, 100_000, 4_000_000, 8192 ** 2])
 @pytest.mark.parametrize("height, width", [(96, 96), (32, 32), (20, 40)])
 def test_sprite_stays_within_8192_pixels(n, height, width):
-    layout = embed_lib.sprite_layout(n, height, width)
+    layout = projector.sprite_layout(n, height, width)
     per_row = layout.per_row
     assert per_row * per_row >= n > (per_row - 1) ** 2  # square, no empty row
     assert layout.width <= 8192 and layout.height <= 8192
@@ -303,13 +304,13 @@ def test_sprite_stays_within_8192_pixels(n, height, width):
 
 
 def test_sprite_of_100000_stl10_images_uses_25_pixel_thumbnails():
-    layout = embed_lib.sprite_layout(100_000, 96, 96)
+    layout = projector.sprite_layout(100_000, 96, 96)
     assert (layout.per_row, layout.thumb_height, layout.width) == (317, 25, 7925)
 
 
 def test_too_many_points_for_any_sprite_is_an_error():
     with pytest.raises(embed_lib.EmbedError, match="--max-points"):
-        embed_lib.sprite_layout(8192 ** 2 + 1, 32, 32)
+        projector.sprite_layout(8192 ** 2 + 1, 32, 32)
 
 
 # --- command-line errors --------------------------------------------------------

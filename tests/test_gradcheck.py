@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from keras import ops
 
-from stl10_keras import backprop, gradcheck
+from stl10_keras import backprop, gradcheck, gradient_checks
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--batch", "3", "--channels", "2", "--height", "2", "--width", "2"]
@@ -101,26 +101,26 @@ def test_bad_flags_exit_2_with_one_clear_message(argv, capsys):
 
 def test_compare_measures_errors_normwise():
     ref = np.array([2.0, -4.0, 1.0])
-    row = gradcheck.compare("q", "r", ref + [0.0, 0.004, 0.0], ref, tolerance=2e-3)
+    row = gradient_checks.compare("q", "r", ref + [0.0, 0.004, 0.0], ref, tolerance=2e-3)
     assert row.max_abs_error == pytest.approx(0.004)
     assert row.max_rel_error == pytest.approx(0.001)  # 0.004 / max|ref|
     assert row.passed
-    assert not gradcheck.compare("q", "r", ref + 0.01, ref, 1e-3).passed
-    assert not gradcheck.compare("q", "r", [np.nan, 0, 0], ref, 1e-3).passed
-    assert not gradcheck.compare("q", "r", ref[:2], ref, 1e-3).passed
+    assert not gradient_checks.compare("q", "r", ref + 0.01, ref, 1e-3).passed
+    assert not gradient_checks.compare("q", "r", [np.nan, 0, 0], ref, 1e-3).passed
+    assert not gradient_checks.compare("q", "r", ref[:2], ref, 1e-3).passed
     # A zero reference is measured against the given scale.
-    row = gradcheck.compare("q", "r", [1e-9], [0.0], 1e-6, scale=10.0)
+    row = gradient_checks.compare("q", "r", [1e-9], [0.0], 1e-6, scale=10.0)
     assert row.max_rel_error == pytest.approx(1e-10) and row.passed
 
 
 def test_central_differences_and_autodiff_of_a_known_function():
     rng = np.random.default_rng(0)
     x, dy = rng.normal(size=(3, 2)), rng.normal(size=(3, 2))
-    loss = gradcheck.weighted_sum(lambda v: v**3, dy)
+    loss = gradient_checks.weighted_sum(lambda v: v**3, dy)
     expected = 3 * x**2 * dy
-    np.testing.assert_allclose(gradcheck.central_differences(loss, [x], 0), expected,
+    np.testing.assert_allclose(gradient_checks.central_differences(loss, [x], 0), expected,
                                rtol=1e-7, atol=1e-9)
-    np.testing.assert_allclose(gradcheck.autodiff(loss, [x])[0], expected, rtol=1e-12)
+    np.testing.assert_allclose(gradient_checks.autodiff(loss, [x])[0], expected, rtol=1e-12)
 
 
 def test_masked_rows_fail_only_with_a_backward_that_ignores_the_mask(capsys):
