@@ -50,7 +50,8 @@ LAB_VAL_ACCURACY_PCT = {"baseline": 71.4, "augment": 80.9, "kmeans1": 83.9,
 VARIANT_FIELDS = ("variant", "augment.enabled", "kmeans.stages",
                   "semi_supervised.method")
 # train's flags that an ablation refuses: it trains every variant and seed.
-REFUSED_FLAGS = {"--variant", "--seed", "--augment", "--no-augment", "--semi-supervised"}
+REFUSED_FLAGS = {"--variant", "--seed", "--augment", "--no-augment",
+                 "--semi-supervised"}
 
 
 def parse_variants(text: str) -> tuple[str, ...]:
