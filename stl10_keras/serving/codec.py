@@ -1,0 +1,278 @@
+"""The tensor codec: a TF Serving request -> tensors -> the signature -> a response.
+
+No transport in it: the REST app hands it parsed JSON, the gRPC service hands
+it `TensorProto`s; both get `RequestError`s with one sentence for a bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from typing import Any, Sequence
+
+import numpy as np
+
+from stl10_keras.export import IMAGE_BYTES_INPUT, check_encoded_image
+from stl10_keras.serving.errors import RequestError
+from stl10_keras.serving.errors import one_line as _one_line
+from stl10_keras.serving.repository import Servable
+
+DEFAULT_SIGNATURE = "serving_default"
+
+
+def _is_b64(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and "b64" in value
+
+
+def _shape_text(shape: Sequence[int | None]) -> str:
+    return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
+
+
+def _numeric_input(name: str, value: Any, spec, row: bool,
+                   dtype_name: str) -> np.ndarray:
+    """A JSON array -> a numpy array of the input's dtype, or a `RequestError`."""
+    dtype = np.dtype(spec.dtype.as_numpy_dtype)
+    want = list(spec.shape)  # [None, H, W, C]
+    what = f"'{name}' ({dtype_name} {_shape_text(want)})"
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError):
+        array = None  # ragged: rows of different lengths
+    if array is not None and array.dtype == object and dtype.kind in "iu":
+        # Rectangular, but an integer beyond 64 bits made numpy keep Python ints.
+        huge = [v for v in array.flat if isinstance(v, int) and not isinstance(v, bool)
+                and not np.iinfo(dtype).min <= v <= np.iinfo(dtype).max]
+        if huge and all(isinstance(v, (int, float)) for v in array.flat):
+            info = np.iinfo(dtype)
+            raise RequestError(400, f"Input '{name}' must hold whole numbers "
+                               f"{info.min}..{info.max} ({dtype_name}); found "
+                               f"{huge[0]!r}.")
+    if array is None or array.dtype == object:
+        if row and isinstance(value, list):
+            for i, item in enumerate(value):
+                try:
+                    shape = np.shape(item)
+                except ValueError:
+                    raise RequestError(400, f"Instance {i} of {what} is not a "
+                                       "rectangular array of numbers.") from None
+                if list(shape) != want[1:]:
+                    raise RequestError(400, f"Instance {i} of '{name}' has shape "
+                                       f"{list(shape)}; each instance must be "
+                                       f"{_shape_text(want[1:])}.")
+        raise RequestError(400, f"Input {what} must be a rectangular array of numbers.")
+    kind = array.dtype.kind
+    if kind not in "iuf" and not (kind == "b" and dtype == bool):
+        found = {"U": "strings", "b": "booleans"}.get(kind, "non-numbers")
+        raise RequestError(400, f"Input {what} must hold numbers; found {found}.")
+    if array.ndim != len(want) or any(w is not None and w != d
+                                      for w, d in zip(want, array.shape)):
+        if row and array.ndim >= 1:
+            raise RequestError(400, f"Instances of '{name}' have shape "
+                               f"{list(array.shape[1:])}; each instance must be "
+                               f"{_shape_text(want[1:])}.")
+        raise RequestError(400, f"Input '{name}' has shape {list(array.shape)}; it "
+                           f"must be {_shape_text(want)}.")
+    if array.size and dtype.kind in "iu" and kind != "b":
+        info = np.iinfo(dtype)
+        if kind == "f":
+            bad = array[~np.isfinite(array) | (array != np.floor(array))]
+            if bad.size:
+                raise RequestError(400, f"Input '{name}' must hold whole numbers "
+                                   f"{info.min}..{info.max} ({dtype_name}); found "
+                                   f"{bad.flat[0].item()!r}.")
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            found = low if low < info.min else high
+            raise RequestError(400, f"Input '{name}' must hold whole numbers "
+                               f"{info.min}..{info.max} ({dtype_name}); found "
+                               f"{found.item()!r}.")
+    return array.astype(dtype)
+
+
+def _string_input(name: str, value: Any, spec, row: bool) -> list[bytes]:
+    """Strings or `{"b64": ...}` -> bytes; encoded images are checked by header."""
+    if spec.shape.rank != 1:
+        raise RequestError(400, f"Input '{name}' is a string tensor of rank "
+                           f"{spec.shape.rank}; this server takes rank-1 strings only.")
+    label = "Instance" if row else "Element"
+    if not isinstance(value, list):
+        raise RequestError(400, f"Input '{name}' must be a list of strings or "
+                           '{"b64": "..."} objects, one per example.')
+    out = []
+    for i, item in enumerate(value):
+        if _is_b64(item):
+            if not isinstance(item["b64"], str):
+                raise RequestError(400, f'{label} {i} of \'{name}\': "b64" must be a '
+                                   "string.")
+            try:
+                data = base64.b64decode(item["b64"], validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError(400, f"{label} {i} of '{name}' is not valid base64."
+                                   ) from None
+        elif isinstance(item, str):
+            data = item.encode("utf-8")
+        else:
+            raise RequestError(400, f"{label} {i} of '{name}' must be a string or "
+                               f'{{"b64": "..."}}; found {type(item).__name__}.')
+        if name == IMAGE_BYTES_INPUT:
+            try:
+                check_encoded_image(data)
+            except ValueError as e:
+                raise RequestError(400, f"{label} {i} of '{name}' {e}.") from None
+        out.append(data)
+    return out
+
+
+def _columns(body: dict[str, Any], signature: str, names: list[str]
+             ) -> tuple[dict[str, Any], bool]:
+    """The request's value for each input, and whether it is in row format."""
+    has_rows, has_cols = "instances" in body, "inputs" in body
+    if has_rows and has_cols:
+        raise RequestError(400, "Send either 'instances' (row format) or 'inputs' "
+                           "(columnar format), not both.")
+    if not has_rows and not has_cols:
+        raise RequestError(400, "The request needs 'instances' (row format) or "
+                           "'inputs' (columnar format).")
+    takes = f"signature '{signature}' takes {names}"
+    if has_cols:
+        inputs = body["inputs"]
+        if isinstance(inputs, dict) and not _is_b64(inputs):
+            if sorted(inputs) != sorted(names):
+                raise RequestError(400, f"'inputs' has keys {sorted(inputs)}; {takes}.")
+            return dict(inputs), False
+        if len(names) != 1:
+            raise RequestError(400, f"'inputs' must be an object; {takes}.")
+        return {names[0]: inputs}, False
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise RequestError(400, "'instances' must be a list, one entry per example.")
+    if not instances:
+        raise RequestError(400, "'instances' is empty; send at least one example.")
+    columns: dict[str, list] = {n: [] for n in names}
+    for i, instance in enumerate(instances):
+        if isinstance(instance, dict) and not _is_b64(instance):
+            if sorted(instance) != sorted(names):
+                raise RequestError(400, f"Instance {i} has keys {sorted(instance)}; "
+                                   f"{takes}.")
+            for n in names:
+                columns[n].append(instance[n])
+        elif len(names) == 1:
+            columns[names[0]].append(instance)
+        else:
+            raise RequestError(400, f"Instance {i} must be an object; {takes}.")
+    return columns, True
+
+
+def _output_json(name: str, array: np.ndarray) -> Any:
+    """A tensor as JSON: strings as text, or `{"b64"}` for `*_bytes` and non-UTF-8."""
+    if array.dtype != object:
+        return array.tolist()
+
+    def text(value: bytes) -> Any:
+        if not name.endswith("_bytes"):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return {"b64": base64.b64encode(value).decode("ascii")}
+
+    return np.frompyfunc(text, 1, 1)(array).tolist()
+
+
+def _locate_bad_image(values: list[bytes]) -> int | None:
+    """The index of the first image `tf.io.decode_image` rejects (error path only)."""
+    import tensorflow as tf
+
+    for i, data in enumerate(values):
+        try:
+            tf.io.decode_image(data, channels=3, expand_animations=False)
+        except tf.errors.InvalidArgumentError:
+            return i
+    return None
+
+
+def predict(servable: Servable, body: Any) -> dict[str, Any]:
+    """Answer a TF Serving predict request.
+
+    Args:
+        servable: the version to run.
+        body: the parsed JSON body: `{"signature_name"?, "instances": [...]}`
+            (row format) or `{"signature_name"?, "inputs": ...}` (columnar).
+
+    Returns:
+        `{"predictions": [...]}` (one entry per instance; a dict of outputs when
+        the signature has several) or `{"outputs": ...}` (a dict of outputs).
+
+    Raises:
+        RequestError: the request does not fit the signature (HTTP 400).
+    """
+    import tensorflow as tf
+
+    if not isinstance(body, dict):
+        raise RequestError(400, "The request body must be a JSON object with "
+                           "'instances' or 'inputs'.")
+    signature = body.get("signature_name", DEFAULT_SIGNATURE)
+    if not isinstance(signature, str) or signature not in servable.signatures:
+        raise RequestError(400, f"Unknown signature_name {signature!r}; this model "
+                           f"has {sorted(servable.signatures)}.")
+    fn = servable.signatures[signature]
+    specs = fn.structured_input_signature[1]
+    defs = servable.signature_defs.get(signature, {}).get("inputs", {})
+    columns, row = _columns(body, signature, sorted(specs))
+    tensors, strings = {}, {}
+    for name, value in columns.items():
+        spec = specs[name]
+        if spec.dtype == tf.string:
+            strings[name] = _string_input(name, value, spec, row)
+            tensors[name] = tf.constant(strings[name], tf.string)
+        else:
+            dtype_name = defs.get(name, {}).get("dtype", spec.dtype.name)
+            dtype_name = dtype_name.removeprefix("DT_").lower()
+            array = _numeric_input(name, value, spec, row, dtype_name)
+            tensors[name] = tf.constant(array)
+    sizes = {int(t.shape[0]) for t in tensors.values()}
+    if len(sizes) > 1:
+        raise RequestError(
+            400, f"The inputs have different batch sizes {sorted(sizes)}.")
+    if 0 in sizes:
+        raise RequestError(400, "The request holds no example; send at least one.")
+    try:
+        outputs = fn(**tensors)
+    except tf.errors.InvalidArgumentError as e:
+        bad = (_locate_bad_image(strings[IMAGE_BYTES_INPUT])
+               if IMAGE_BYTES_INPUT in strings else None)
+        if bad is not None:
+            label = "Instance" if row else "Element"
+            raise RequestError(400, f"{label} {bad} of '{IMAGE_BYTES_INPUT}' could not "
+                               f"be decoded ({_one_line(e)}).") from None
+        raise RequestError(400, f"Signature '{signature}' rejected the input "
+                           f"({_one_line(e)}).") from None
+    arrays = {k: v.numpy() for k, v in sorted(outputs.items())}
+    if not row:
+        if len(arrays) == 1:
+            return {"outputs": _output_json(*next(iter(arrays.items())))}
+        return {"outputs": {k: _output_json(k, a) for k, a in arrays.items()}}
+    as_json = {k: _output_json(k, a) for k, a in arrays.items()}
+    if len(as_json) == 1:
+        return {"predictions": next(iter(as_json.values()))}
+    n = next(iter(sizes))
+    return {"predictions": [{k: v[i] for k, v in as_json.items()} for i in range(n)]}
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def parse_json(data: bytes) -> Any:
+    """The request body as JSON, or a `RequestError` with the reason."""
+    try:
+        return json.loads(data, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise RequestError(400, f"The request body is not valid JSON ({e.msg} at line "
+                           f"{e.lineno} column {e.colno}).") from None
+    except RecursionError:
+        raise RequestError(400, "The request body is nested too deeply.") from None
+    except ValueError as e:  # bad UTF-8, NaN/Infinity
+        raise RequestError(400, f"The request body is not valid JSON ({_one_line(e)})."
+                           ) from None
