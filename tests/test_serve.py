@@ -178,11 +178,15 @@ def test_uint8_instances_match_the_saved_models_signature(url, reference):
         "instances": [{"images": image.tolist()} for image in x]})
     assert status == 200
     assert_rows_match(body["predictions"], want)
-    # Integral floats are whole numbers in 0..255: accepted.
-    status, body = call(f"{url}:predict", {"instances": x[:1].astype(float).tolist()})
+    # An empty signature_name is the default signature, as in TF Serving.
+    status, body = call(f"{url}:predict", {"signature_name": "",
+                                           "instances": x.tolist()})
     assert status == 200
-    np.testing.assert_allclose(body["predictions"][0]["probabilities"],
-                               want["probabilities"][0], rtol=1e-6, atol=1e-7)
+    assert_rows_match(body["predictions"], want)
+    # Floats are refused for uint8, as TF Serving's json_tensor.cc does ("1.0" is
+    # not an integer), even where they are whole numbers.
+    status, body = call(f"{url}:predict", {"instances": x[:1].astype(float).tolist()})
+    assert status == 400 and "without a decimal point" in body["error"]
 
 
 def test_columnar_inputs_give_columnar_outputs(url, reference):
@@ -270,9 +274,11 @@ BAD_REQUESTS = [
      "no version 7"),
     ("version not a number", "/versions/latest", "GET", None, 400, "not a number"),
     ("unknown version status", "/versions/7", "GET", None, 404, "no version 7"),
-    ("GET on predict", ":predict", "GET", None, 405, "POST"),
-    ("unknown method", ":explain", "POST", {}, 404, ":explain"),
-    ("labels", "/labels/stable:predict", "POST", {}, 404, "labels"),
+    # TF Serving: 400 "Malformed request" for a method or verb it has no route for.
+    ("GET on predict", ":predict", "GET", None, 400, "Malformed request: GET"),
+    ("unknown method", ":explain", "POST", {}, 400, "Malformed request: POST"),
+    ("labels", "/labels/stable:predict", "POST", {}, 400,
+     "Unrecognized servable version label: 'stable'"),
     ("oversized body", ":predict", "POST", b" " * (MAX_BODY + 100_000), 413,
      "--max-body-mb"),
 ]

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from stl10_keras.export import IMAGE_BYTES_INPUT, check_encoded_image
-from stl10_keras.serving.errors import RequestError
+from stl10_keras.serving.errors import RequestError, clip
 from stl10_keras.serving.errors import one_line as _one_line
 from stl10_keras.serving.repository import Servable
 
@@ -29,9 +29,26 @@ def _shape_text(shape: Sequence[int | None]) -> str:
     return "[" + ", ".join("N" if d is None else str(d) for d in shape) + "]"
 
 
-def _numeric_input(name: str, value: Any, spec, row: bool,
-                   dtype_name: str) -> np.ndarray:
-    """A JSON array -> a numpy array of the input's dtype, or a `RequestError`."""
+def _holds_bool(value: Any) -> bool:
+    """Whether a nested list holds a JSON `true`/`false` (numpy makes them 1/0)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, bool):
+            return True
+        if isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _numeric_input(name: str, value: Any, spec, row: bool, dtype_name: str,
+                   may_hold_booleans: bool = True) -> np.ndarray:
+    """A JSON array -> a numpy array of the input's dtype, or a `RequestError`.
+
+    As TF Serving's `json_tensor.cc`: booleans are not numbers, and an integer
+    input takes JSON integers only (`1.0` is refused); unlike it, a value out of
+    the dtype's range is refused rather than wrapped (300 -> 44 for uint8).
+    """
     dtype = np.dtype(spec.dtype.as_numpy_dtype)
     want = list(spec.shape)  # [None, H, W, C]
     what = f"'{name}' ({dtype_name} {_shape_text(want)})"
@@ -65,6 +82,8 @@ def _numeric_input(name: str, value: Any, spec, row: bool,
     if kind not in "iuf" and not (kind == "b" and dtype == bool):
         found = {"U": "strings", "b": "booleans"}.get(kind, "non-numbers")
         raise RequestError(400, f"Input {what} must hold numbers; found {found}.")
+    if dtype != bool and kind != "b" and may_hold_booleans and _holds_bool(value):
+        raise RequestError(400, f"Input {what} must hold numbers; found booleans.")
     if array.ndim != len(want) or any(w is not None and w != d
                                       for w, d in zip(want, array.shape)):
         if row and array.ndim >= 1:
@@ -77,10 +96,10 @@ def _numeric_input(name: str, value: Any, spec, row: bool,
         info = np.iinfo(dtype)
         if kind == "f":
             bad = array[~np.isfinite(array) | (array != np.floor(array))]
-            if bad.size:
-                raise RequestError(400, f"Input '{name}' must hold whole numbers "
-                                   f"{info.min}..{info.max} ({dtype_name}); found "
-                                   f"{bad.flat[0].item()!r}.")
+            found = (bad if bad.size else array).flat[0].item()
+            raise RequestError(400, f"Input '{name}' must hold whole numbers "
+                               f"{info.min}..{info.max} ({dtype_name}) written "
+                               f"without a decimal point; found {found!r}.")
         low, high = array.min(), array.max()
         if low < info.min or high > info.max:
             found = low if low < info.min else high
@@ -105,8 +124,10 @@ def _string_input(name: str, value: Any, spec, row: bool) -> list[bytes]:
             if not isinstance(item["b64"], str):
                 raise RequestError(400, f'{label} {i} of \'{name}\': "b64" must be a '
                                    "string.")
+            text = item["b64"]
             try:
-                data = base64.b64decode(item["b64"], validate=True)
+                # Unpadded base64 is accepted, as absl::Base64Unescape does.
+                data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
             except (binascii.Error, ValueError):
                 raise RequestError(400, f"{label} {i} of '{name}' is not valid base64."
                                    ) from None
@@ -186,19 +207,86 @@ def _locate_bad_image(values: list[bytes]) -> int | None:
 
     for i, data in enumerate(values):
         try:
-            tf.io.decode_image(data, channels=3, expand_animations=False)
+            tf.io.decode_image(data, expand_animations=False)
         except tf.errors.InvalidArgumentError:
             return i
     return None
 
 
-def predict(servable: Servable, body: Any) -> dict[str, Any]:
+def signature_of(servable: Servable, name: Any) -> tuple[str, Any]:
+    """The signature a request names: `""` or none is `serving_default`, as in TF
+    Serving (`kDefaultServingSignatureDefKey`).
+
+    Returns:
+        `(name, concrete function)`.
+
+    Raises:
+        RequestError: 400 for a name that is not a string or not a signature.
+    """
+    if name is None or name == "":
+        name = DEFAULT_SIGNATURE
+    if not isinstance(name, str):
+        raise RequestError(400, "'signature_name' must be a string; this model has "
+                           f"{sorted(servable.signatures)}.")
+    if name not in servable.signatures:
+        raise RequestError(400, f"Unknown signature_name {clip(name)!r}; this model "
+                           f"has {sorted(servable.signatures)}.")
+    return name, servable.signatures[name]
+
+
+def input_dtype_name(servable: Servable, signature: str, name: str, spec) -> str:
+    """The input's dtype as TF Serving names it in errors (`uint8`, `string`)."""
+    defs = servable.signature_defs.get(signature, {}).get("inputs", {})
+    dtype_name = defs.get(name, {}).get("dtype", spec.dtype.name)
+    return dtype_name.removeprefix("DT_").lower()
+
+
+def run_signature(signature: str, fn, tensors: dict[str, Any], row: bool = True
+                  ) -> dict[str, np.ndarray]:
+    """Call a signature on checked tensors; a graph error is a 400 naming the input.
+
+    Args:
+        signature: its name (for the error sentence).
+        fn: the concrete function.
+        tensors: input name -> tensor, all with the same batch size.
+        row: whether the request was in row format (errors say "Instance i").
+
+    Returns:
+        Output name -> numpy array, sorted by name.
+    """
+    import tensorflow as tf
+
+    sizes = {int(t.shape[0]) for t in tensors.values()}
+    if len(sizes) > 1:
+        raise RequestError(
+            400, f"The inputs have different batch sizes {sorted(sizes)}.")
+    if 0 in sizes:
+        raise RequestError(400, "The request holds no example; send at least one.")
+    try:
+        outputs = fn(**tensors)
+    except tf.errors.InvalidArgumentError as e:
+        images = tensors.get(IMAGE_BYTES_INPUT)
+        bad = (_locate_bad_image(images.numpy().tolist())
+               if images is not None and images.dtype == tf.string else None)
+        if bad is not None:
+            label = "Instance" if row else "Element"
+            raise RequestError(400, f"{label} {bad} of '{IMAGE_BYTES_INPUT}' could not "
+                               f"be decoded ({_one_line(e)}).") from None
+        raise RequestError(400, f"Signature '{signature}' rejected the input "
+                           f"({_one_line(e)}).") from None
+    return {k: v.numpy() for k, v in sorted(outputs.items())}
+
+
+def predict(servable: Servable, body: Any, may_hold_booleans: bool = True
+            ) -> dict[str, Any]:
     """Answer a TF Serving predict request.
 
     Args:
         servable: the version to run.
         body: the parsed JSON body: `{"signature_name"?, "instances": [...]}`
             (row format) or `{"signature_name"?, "inputs": ...}` (columnar).
+        may_hold_booleans: False when the raw body holds no `true`/`false`, which
+            spares the search for booleans among the pixels.
 
     Returns:
         `{"predictions": [...]}` (one entry per instance; a dict of outputs when
@@ -212,43 +300,21 @@ def predict(servable: Servable, body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise RequestError(400, "The request body must be a JSON object with "
                            "'instances' or 'inputs'.")
-    signature = body.get("signature_name", DEFAULT_SIGNATURE)
-    if not isinstance(signature, str) or signature not in servable.signatures:
-        raise RequestError(400, f"Unknown signature_name {signature!r}; this model "
-                           f"has {sorted(servable.signatures)}.")
-    fn = servable.signatures[signature]
+    signature, fn = signature_of(servable, body.get("signature_name"))
     specs = fn.structured_input_signature[1]
-    defs = servable.signature_defs.get(signature, {}).get("inputs", {})
     columns, row = _columns(body, signature, sorted(specs))
-    tensors, strings = {}, {}
+    tensors = {}
     for name, value in columns.items():
         spec = specs[name]
         if spec.dtype == tf.string:
-            strings[name] = _string_input(name, value, spec, row)
-            tensors[name] = tf.constant(strings[name], tf.string)
+            tensors[name] = tf.constant(_string_input(name, value, spec, row),
+                                        tf.string)
         else:
-            dtype_name = defs.get(name, {}).get("dtype", spec.dtype.name)
-            dtype_name = dtype_name.removeprefix("DT_").lower()
-            array = _numeric_input(name, value, spec, row, dtype_name)
+            dtype_name = input_dtype_name(servable, signature, name, spec)
+            array = _numeric_input(name, value, spec, row, dtype_name,
+                                   may_hold_booleans)
             tensors[name] = tf.constant(array)
-    sizes = {int(t.shape[0]) for t in tensors.values()}
-    if len(sizes) > 1:
-        raise RequestError(
-            400, f"The inputs have different batch sizes {sorted(sizes)}.")
-    if 0 in sizes:
-        raise RequestError(400, "The request holds no example; send at least one.")
-    try:
-        outputs = fn(**tensors)
-    except tf.errors.InvalidArgumentError as e:
-        bad = (_locate_bad_image(strings[IMAGE_BYTES_INPUT])
-               if IMAGE_BYTES_INPUT in strings else None)
-        if bad is not None:
-            label = "Instance" if row else "Element"
-            raise RequestError(400, f"{label} {bad} of '{IMAGE_BYTES_INPUT}' could not "
-                               f"be decoded ({_one_line(e)}).") from None
-        raise RequestError(400, f"Signature '{signature}' rejected the input "
-                           f"({_one_line(e)}).") from None
-    arrays = {k: v.numpy() for k, v in sorted(outputs.items())}
+    arrays = run_signature(signature, fn, tensors, row)
     if not row:
         if len(arrays) == 1:
             return {"outputs": _output_json(*next(iter(arrays.items())))}
@@ -256,7 +322,7 @@ def predict(servable: Servable, body: Any) -> dict[str, Any]:
     as_json = {k: _output_json(k, a) for k, a in arrays.items()}
     if len(as_json) == 1:
         return {"predictions": next(iter(as_json.values()))}
-    n = next(iter(sizes))
+    n = len(next(iter(arrays.values())))
     return {"predictions": [{k: v[i] for k, v in as_json.items()} for i in range(n)]}
 
 

@@ -11,18 +11,25 @@ from typing import Any
 
 from stl10_keras.serving.codec import parse_json
 from stl10_keras.serving.codec import predict
-from stl10_keras.serving.errors import RequestError
+from stl10_keras.serving.errors import RequestError, clip
 from stl10_keras.serving.errors import one_line as _one_line
-from stl10_keras.serving.repository import ModelRepository
+from stl10_keras.serving.repository import ModelRepository, parse_version
 
 DEFAULT_MAX_BODY_MB = 16.0
 DEFAULT_THREADS = 8
-# TF Serving's REST routes, as its own handler matches them.
-_ROUTE = re.compile(
-    r"^/v1/models/(?P<name>[^/:]+)"
-    r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?"
-    r"(?P<suffix>/metadata|:[A-Za-z]+)?$"
-)
+# TF Serving's REST routes (`http_rest_api_util.cc`): case-insensitive, and
+# anything else under /v1/ is a 400 "Malformed request". A version is matched
+# loosely here so that `parse_version` can say what is wrong with it.
+_V1 = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
+_SPEC = (r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?")
+_PREDICT = re.compile(r"/v1/models/(?P<name>[^/:]+)" + _SPEC + r":(?P<verb>[^/:]*)",
+                      re.IGNORECASE | re.DOTALL)
+_STATUS = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?" + _SPEC +
+                     r"(?P<metadata>/metadata)?", re.IGNORECASE | re.DOTALL)
+#: The headers of TF Serving's `--rest_api_enable_cors_support` (`AddCORSHeaders`).
+CORS_HEADERS = {"Access-Control-Allow-Origin": "*",
+                "Access-Control-Allow-Methods": "POST, GET",
+                "Access-Control-Allow-Headers": "Content-Type"}
 
 
 def _too_large(max_body_bytes: int) -> str:
@@ -31,12 +38,15 @@ def _too_large(max_body_bytes: int) -> str:
             "restart the server with a larger --max-body-mb.")
 
 
-def make_app(repository: ModelRepository, max_body_bytes: int):
+def make_app(repository: ModelRepository, max_body_bytes: int,
+             enable_cors: bool = False):
     """The Flask app of TF Serving's REST API over `repository`.
 
     Args:
         repository: the started `ModelRepository`.
         max_body_bytes: larger request bodies get HTTP 413.
+        enable_cors: add TF Serving's CORS headers to every response and answer
+            an `OPTIONS` preflight (`--enable-cors`).
 
     Returns:
         A `flask.Flask` WSGI app.
@@ -46,7 +56,10 @@ def make_app(repository: ModelRepository, max_body_bytes: int):
 
     app = flask.Flask("stl10_keras.serve")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
-    api = f"/v1/models/{repository.name}[/versions/V][/metadata|:predict]"
+    app.url_map.merge_slashes = False  # '//' is a malformed path, not a redirect
+    name = repository.name
+    api = (f"GET /v1/models/{name}[/versions/V|/labels/L][/metadata] and "
+           f"POST /v1/models/{name}[/versions/V|/labels/L]:predict")
 
     def reply(payload: dict[str, Any], status: int = 200):
         return flask.Response(json.dumps(payload), status, mimetype="application/json")
@@ -57,54 +70,64 @@ def make_app(repository: ModelRepository, max_body_bytes: int):
 
     @app.errorhandler(HTTPException)
     def http_error(e: HTTPException):
-        messages = {
-            404: f"Unknown path; the API is {api}.",
-            405: "Use GET for status and metadata and POST for :predict.",
-            413: _too_large(max_body_bytes),
-        }
-        message = messages.get(e.code, f"{e.name}: {e.description}")
-        return reply({"error": message}, e.code or 500)
+        messages = {404: f"Unknown path; the API is {api}.",
+                    413: _too_large(max_body_bytes)}
+        status = e.code if e.code in messages else 400
+        message = messages.get(status, f"{e.name}: {e.description}")
+        return reply({"error": message}, status)
 
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
         traceback.print_exc(file=sys.stderr)
         return reply({"error": f"Internal server error ({_one_line(e)})."}, 500)
 
-    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    if enable_cors:
+        @app.after_request
+        def add_cors_headers(response):
+            response.headers.update(CORS_HEADERS)
+            return response
 
-    @app.route("/", defaults={"path": ""}, methods=methods)
-    @app.route("/<path:path>", methods=methods)
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+
+    @app.route("/", defaults={"path": ""}, methods=methods,
+               provide_automatic_options=False, strict_slashes=False)
+    @app.route("/<path:path>", methods=methods, provide_automatic_options=False,
+               strict_slashes=False)
     def dispatch(path: str):
-        match = _ROUTE.match("/" + path)
+        path, method = flask.request.path, flask.request.method
+        if not _V1.fullmatch(path):
+            raise RequestError(404, f"Unknown path '{clip(path, 80)}'; the API is "
+                               f"{api}.")
+        if enable_cors and method == "OPTIONS":
+            return reply({})
+        route = {"POST": _PREDICT, "GET": _STATUS}.get(method)
+        match = route.fullmatch(path) if route else None
         if match is None:
-            raise RequestError(404, f"Unknown path '/{path}'; the API is {api}.")
-        name, version = match["name"], match["version"]
-        label, suffix = match["label"], match["suffix"]
-        if name != repository.name:
-            raise RequestError(404, f"Model '{name}' is not served here; this server "
-                               f"serves '{repository.name}'.")
-        if label is not None:
-            raise RequestError(404, "Version labels are not supported; address a "
-                               "version as /versions/N.")
-        method = flask.request.method
-        if suffix in (None, "/metadata"):
-            if method not in ("GET", "HEAD"):
-                what = "metadata" if suffix else "status"
-                raise RequestError(405, f"Use GET for {what}.")
-            if suffix is None:
-                return reply(repository.status(version))
-            return reply(repository.metadata(version))
-        if suffix != ":predict":
-            if suffix in (":classify", ":regress"):
-                raise RequestError(400, f"{suffix} needs a classification or "
-                                   "regression signature; this model has predict "
-                                   "signatures, use :predict.")
-            raise RequestError(404, f"Unknown method '{suffix}'; use :predict.")
-        if method != "POST":
-            raise RequestError(405, "Use POST for :predict.")
-        servable = repository.get(version)  # 404 first: a bad URL, whatever the body
-        body = parse_json(flask.request.get_data(cache=False))
-        return reply(predict(servable, body))
+            raise RequestError(400, f"Malformed request: {method} {clip(path, 80)}; "
+                               f"the API is {api}.")
+        if not match["name"]:
+            raise RequestError(400, "Missing model name in request; ask for "
+                               f"/v1/models/{name}.")
+        text = match["version"]
+        version = None if text is None else parse_version(text)
+        label = match["label"]
+        repository.check_name(match["name"])
+        if method == "GET":
+            if match["metadata"]:
+                return reply(repository.metadata(version, label))
+            return reply(repository.status(version))  # a label is ignored, as in TF
+        verb = match["verb"].lower()
+        if verb in ("classify", "regress"):
+            raise RequestError(400, f":{verb} needs a classification or regression "
+                               "signature; this model has predict signatures, use "
+                               ":predict.")
+        if verb != "predict":
+            raise RequestError(400, f"Malformed request: {method} {clip(path, 80)}; "
+                               f"the API is {api}.")
+        servable = repository.get(version, label)  # a bad URL first, whatever the body
+        data = flask.request.get_data(cache=False)
+        body = parse_json(data)
+        return reply(predict(servable, body, b"true" in data or b"false" in data))
 
     return app
 
@@ -145,18 +168,20 @@ class ModelServer:
         port: the TCP port (0: any free one).
         threads: requests handled at the same time.
         max_body_bytes: larger request bodies get HTTP 413.
+        enable_cors: TF Serving's CORS headers on every response.
     """
 
     def __init__(self, repository: ModelRepository, host: str = "127.0.0.1",
                  port: int = 8501, threads: int = DEFAULT_THREADS,
-                 max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20)):
+                 max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
+                 enable_cors: bool = False):
         from waitress.server import create_server
 
         # waitress warns "Task queue depth is N" whenever all threads are busy.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self.repository = repository
         self._server = create_server(
-            make_app(repository, max_body_bytes), host=host, port=port,
+            make_app(repository, max_body_bytes, enable_cors), host=host, port=port,
             threads=threads,
             # Bodies up to 4x the limit are read (past 512 KB into a temp file)
             # and refused by Flask with a JSON 413: a client that sends its whole
