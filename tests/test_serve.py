@@ -403,7 +403,9 @@ def test_a_version_that_does_not_load_is_refused(tmp_path):
 # --- the command line -----------------------------------------------------------------
 
 def _serve_cli(*args):
-    return [sys.executable, "-m", "stl10_keras.serve", *args]
+    # No gRPC API unless a test asks for one: port 8500 may be taken here.
+    grpc = () if "--grpc-port" in args else ("--grpc-port", "0")
+    return [sys.executable, "-m", "stl10_keras.serve", *args, *grpc]
 
 
 @pytest.mark.parametrize(

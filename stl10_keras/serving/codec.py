@@ -342,3 +342,68 @@ def parse_json(data: bytes) -> Any:
     except ValueError as e:  # bad UTF-8, NaN/Infinity
         raise RequestError(400, f"The request body is not valid JSON ({_one_line(e)})."
                            ) from None
+
+
+# --------------------------------------------------------------------------------------
+# gRPC: TensorProto <-> tensors
+# --------------------------------------------------------------------------------------
+
+
+def tensor_from_proto(name: str, proto, spec, dtype_name: str,
+                      max_bytes: int) -> Any:
+    """A request's `TensorProto` -> a tensor for the signature's input `spec`.
+
+    Args:
+        name: the input name.
+        proto: the `tensorflow.TensorProto`.
+        spec: the signature's `tf.TensorSpec` for it.
+        dtype_name: the dtype as TF Serving names it (`uint8`).
+        max_bytes: a tensor larger than this is refused (a short proto can
+            claim a huge shape, which `tf.make_ndarray` would fill in).
+
+    Returns:
+        A `tf.Tensor`.
+
+    Raises:
+        RequestError: 400 for a wrong dtype, shape or image; 413 over the size.
+    """
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
+
+    want = list(spec.shape)
+    if proto.dtype != spec.dtype.as_datatype_enum:
+        sent = types_pb2.DataType.Name(proto.dtype).removeprefix("DT_").lower()
+        raise RequestError(400, f"Input '{name}' must be {dtype_name} "
+                           f"{_shape_text(want)}; the request sends {sent}.")
+    dims = [d.size for d in proto.tensor_shape.dim]
+    if proto.tensor_shape.unknown_rank or any(d < 0 for d in dims):
+        raise RequestError(400, f"Input '{name}' has no definite shape; send "
+                           f"{_shape_text(want)}.")
+    if len(dims) != len(want) or any(w is not None and w != d
+                                     for w, d in zip(want, dims)):
+        raise RequestError(400, f"Input '{name}' has shape {dims}; it must be "
+                           f"{_shape_text(want)}.")
+    itemsize = 1 if spec.dtype == tf.string else spec.dtype.size
+    if int(np.prod(dims, dtype=object)) * itemsize > max_bytes:
+        raise RequestError(413, f"Input '{name}' of shape {dims} is larger than "
+                           f"this server's limit of {max_bytes / 2**20:.4g} MB; "
+                           "send fewer examples per request.")
+    try:
+        array = tf.make_ndarray(proto)
+    except Exception as e:  # inconsistent content for its shape and dtype
+        raise RequestError(400, f"Input '{name}' is not a valid TensorProto "
+                           f"({_one_line(e)}).") from None
+    if spec.dtype == tf.string and name == IMAGE_BYTES_INPUT:
+        for i, data in enumerate(array.flat):
+            try:
+                check_encoded_image(data)
+            except ValueError as e:
+                raise RequestError(400, f"Element {i} of '{name}' {e}.") from None
+    return tf.constant(array, spec.dtype)
+
+
+def protos_from_outputs(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Output arrays -> `TensorProto`s, as TF Serving's PredictResponse holds them."""
+    import tensorflow as tf
+
+    return {k: tf.make_tensor_proto(a) for k, a in arrays.items()}

@@ -213,6 +213,11 @@ class ModelRepository:
                 raise RuntimeError("ModelRepository.start() has not loaded a version.")
             return self._servables[self._latest]
 
+    def loaded_versions(self) -> list[int]:
+        """The versions loaded now, ascending."""
+        with self._lock:
+            return sorted(self._servables)
+
     def start(self) -> Servable:
         """Load the highest version that loads (and the labelled ones), now.
 
