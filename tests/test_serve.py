@@ -317,6 +317,78 @@ def test_a_fractional_max_body_mb_is_named_as_given(exported):
     assert "limit of 0.1 MB" in reply["error"], reply
 
 
+def test_routes_are_case_insensitive_as_tf_servings_regexes(url, reference):
+    root, rest = url.split("/v1/models/", 1)
+    x = images(6, 1)
+    want = as_lists(reference["serving_default"](images=tf.constant(x)))
+    status, body = call(f"{root}/V1/Models/{rest}/VERSIONS/1/MetaData")
+    assert status == 200 and body["model_spec"]["version"] == "1"
+    status, body = call(f"{root}/v1/MODELS/{rest}:PREDICT", {"instances": x.tolist()})
+    assert status == 200
+    assert_rows_match(body["predictions"], want)
+
+
+def test_get_models_without_a_name_is_tf_servings_400(url):
+    root = url.split("/v1/models/", 1)[0]
+    status, reply = call(f"{root}/v1/models")
+    assert status == 400 and reply["error"].startswith("Missing model name")
+
+
+def test_unpadded_base64_is_accepted_as_absl_does(url):
+    data = encode(images(7, 1)[0], "PNG")
+    text = base64.b64encode(data).decode()
+    assert text.endswith("=")  # the PNG's length needs padding
+    bodies = [{"signature_name": "serving_bytes", "instances": [{"b64": t}]}
+              for t in (text, text.rstrip("="))]
+    answers = [call(f"{url}:predict", body) for body in bodies]
+    assert answers[0][0] == 200 and answers[0] == answers[1]
+
+
+def test_metadata_prints_empty_defaults_as_tf_serving(url):
+    defs = call(f"{url}/metadata")[1]["metadata"]["signature_def"]["signature_def"]
+    assert all(sig["defaults"] == {} for sig in defs.values())
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "\u0661", "9" * 5000, "1" * 20])
+def test_a_version_that_is_not_an_int64_is_a_400_not_a_500(url, version):
+    quoted = urllib.request.quote(version)
+    for suffix, body in (("", None), ("/metadata", None),
+                         (":predict", {"instances": images(8, 1).tolist()})):
+        status, reply = call(f"{url}/versions/{quoted}{suffix}", body)
+        assert status == 400, reply
+        assert "\n" not in reply["error"] and len(reply["error"]) < 200
+
+
+def test_cors_headers_only_with_enable_cors(exported):
+    _, base = exported
+    repository = ModelRepository(base, NAME)
+    repository.start()
+    for enable in (False, True):
+        server = ModelServer(repository, "127.0.0.1", 0, threads=2, enable_cors=enable)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            for method, path in (("GET", f"/v1/models/{NAME}"),
+                                 ("GET", "/v1/models/other"),
+                                 ("OPTIONS", f"/v1/models/{NAME}:predict")):
+                connection = http.client.HTTPConnection(server.host, server.port,
+                                                        timeout=60)
+                connection.request(method, path)
+                response = connection.getresponse()
+                response.read()
+                connection.close()
+                origin = response.getheader("Access-Control-Allow-Origin")
+                assert origin == ("*" if enable else None), (method, path)
+                if method == "OPTIONS":  # a preflight: 200 only with CORS
+                    assert response.status == (200 if enable else 400)
+                    if enable:
+                        assert response.getheader(
+                            "Access-Control-Allow-Methods") == "POST, GET"
+        finally:
+            server.close()
+            thread.join(timeout=10)
+
+
 def test_unknown_model_and_path_are_404_and_the_server_keeps_serving(url):
     root = url.rsplit("/v1/", 1)[0]
     status, reply = call(f"{root}/v1/models/other:predict", {"instances": [[0]]})
@@ -433,6 +505,10 @@ def test_cli_refuses_to_start_without_a_valid_version(tmp_path, layout):
 @pytest.mark.parametrize("flag, value", [
     ("--poll-seconds", "1e308"), ("--poll-seconds", "inf"), ("--poll-seconds", "nan"),
     ("--threads", "100000"), ("--max-body-mb", "1e300"), ("--max-body-mb", "0"),
+    ("--grpc-port", "65536"), ("--grpc-port", "-1"), ("--settle-seconds", "0"),
+    ("--version-labels", "stable"), ("--version-labels", "stable=x"),
+    ("--version-labels", "a/b=1"), ("--version-labels", "s=1,s=2"),
+    ("--version-labels", "s=99999999999999999999"),
 ])
 def test_cli_refuses_numbers_out_of_range_as_a_usage_error(flag, value):
     # In process: argparse exits 2 with one usage sentence before anything loads
@@ -444,6 +520,10 @@ def test_cli_refuses_numbers_out_of_range_as_a_usage_error(flag, value):
     args = serve.build_parser().parse_args(
         ["--model-base-path", "m", "--poll-seconds", "86400", "--threads", "1024"])
     assert args.poll_seconds == 86400 and args.threads == 1024
+    args = serve.build_parser().parse_args(
+        ["--model-base-path", "m", "--version-labels", "stable=2, canary=3"])
+    assert args.version_labels == {"stable": 2, "canary": 3}
+    assert args.grpc_port == 8500 and args.port == 8501 and not args.enable_cors
 
 
 def test_cli_refuses_a_host_that_does_not_resolve_without_a_traceback(exported):
