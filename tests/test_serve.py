@@ -604,6 +604,8 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
     (["--batches", "1,x"], 2, "--batches takes integers"),
     (["--seconds", "nan"], 2, "--seconds"),
     (["--threads", "0"], 2, "--threads"),
+    (["--clients", "1,0"], 2, "--clients"),
+    (["--front-ends", "REST,soap"], 2, "--front-ends"),
     # The server's own sentence, not "the server did not start ('')".
     (["--model-base-path", "{tmp}/missing"], 1, "{tmp}/missing does not exist"),
 ])
