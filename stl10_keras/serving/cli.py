@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import signal
 import socket
@@ -11,6 +10,7 @@ import sys
 import threading
 from typing import Any, Callable, Sequence
 
+from stl10_keras import runtime
 from stl10_keras.serving.errors import NoVersionError
 from stl10_keras.serving.repository import DEFAULT_SETTLE_SECONDS, ModelRepository
 from stl10_keras.serving.rest import DEFAULT_MAX_BODY_MB, DEFAULT_THREADS, ModelServer
@@ -135,7 +135,7 @@ def _interrupt(signum, frame):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
+    runtime.start()  # before TensorFlow loads
     if threading.current_thread() is threading.main_thread():
         # Ctrl-C and SIGTERM stop the server, even where a shell started it in
         # the background with SIGINT ignored.

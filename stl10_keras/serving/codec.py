@@ -186,7 +186,13 @@ def _columns(body: dict[str, Any], signature: str, names: list[str]
 
 
 def _output_json(name: str, array: np.ndarray) -> Any:
-    """A tensor as JSON: strings as text, or `{"b64"}` for `*_bytes` and non-UTF-8."""
+    """A tensor as JSON: strings as text, or `{"b64"}` for `*_bytes` and non-UTF-8;
+    float32 in its shortest round-trip form (0.2, not 0.20000000298023224), as TF
+    Serving's `WriteDecimal` writes it."""
+    if array.dtype == np.float32:
+        # numpy's str() of a float32 is its shortest round-trip text; as a double
+        # that text is what json writes back, and float32(it) is the value again.
+        return array.astype(str).astype(np.float64).tolist()
     if array.dtype != object:
         return array.tolist()
 
