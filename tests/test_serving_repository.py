@@ -22,7 +22,11 @@ from stl10_keras.config import preset
 from stl10_keras.export import export_saved_model
 from stl10_keras.model import build_model
 from stl10_keras.serving.errors import RequestError
-from stl10_keras.serving.repository import ModelRepository, parse_version
+from stl10_keras.serving.repository import (
+    ModelRepository,
+    load_servable,
+    parse_version,
+)
 from stl10_keras.serving.rest import ModelServer
 
 NAME = "digits"
@@ -144,6 +148,11 @@ def test_a_version_copied_slowly_is_served_once_complete_without_failures(
         logits.set_weights([kernel, bias])
     want = tf.saved_model.load(str(source)).signatures["serving_default"](
         images=tf.constant(X))["class_names"].numpy()[0].decode()
+    # What one load (with its warm-up call) takes on this machine now: on a
+    # loaded 2-core machine it is seconds, and the bound below allows for it.
+    started = time.monotonic()
+    load_servable(source, 2)
+    load_seconds = time.monotonic() - started
     lines = []
     results = []  # (time, ok, class name)
     stop = threading.Event()
@@ -174,13 +183,62 @@ def test_a_version_copied_slowly_is_served_once_complete_without_failures(
     assert results and all(ok for _, ok, _ in results), [
         r for r in results if not r[1]][:3]
     served = min(t for t, _, name in results if name == want)
-    assert served - copied < 5.0, f"version 2 served {served - copied:.1f} s late"
+    # Settling (1 s) and two polls (0.4 s), then the load, with room for one
+    # slower load and the clients' next request.
+    bound = 1.0 + 0.4 + 2 * load_seconds + 1.0
+    assert served - copied < bound, (
+        f"version 2 served {served - copied:.1f} s after the copy; one load takes "
+        f"{load_seconds:.1f} s here")
     assert {name for _, _, name in results} <= {want} | {f"v1-{i}" for i in range(10)}
-    print(f"version 2 served {served - copied:.2f} s after the copy ended; "
-          f"{len(results)} requests, log: {lines}")
-    # Not tried while it was being written; tried once while the copy stalled
-    # (its files had stopped changing), and loaded when a file under variables/
-    # changed again.
+    print(f"version 2 served {served - copied:.2f} s after the copy ended (one "
+          f"load: {load_seconds:.2f} s); {len(results)} requests, log: {lines}")
+    # Not tried while it was being written; tried at most once while the copy
+    # stalled (a slow load may only reach the variables after the copy ends).
     failed = [ln for ln in lines if "version 2" in ln and "did not load" in ln]
-    assert len(failed) == 1, lines
+    assert len(failed) <= 1, lines
     assert any("Serving model 'digits' version 2 (was 1)" in ln for ln in lines), lines
+
+
+def test_a_failed_version_is_retried_when_a_file_under_it_changes(model, tmp_path):
+    base, staging = tmp_path / NAME, tmp_path / "staging"
+    export(model, base, "v1-")
+    source = export(model, staging, "v2-")
+    data = next((source / "variables").glob("variables.data-*"))
+    shutil.copytree(source, base / "2")
+    truncated = base / "2" / "variables" / data.name
+    truncated.write_bytes(data.read_bytes()[:100])
+    lines = []
+    repository = ModelRepository(base, NAME, log=lines.append, settle_seconds=0.3)
+    assert repository.start().version == 1  # 2 fails; 1 is served
+    [state] = [s for s in repository.status()["model_version_status"]
+               if s["version"] == "2"]
+    assert state["state"] == "END" and state["status"]["error_message"]
+    assert len(lines) == 1 and "version 2" in lines[0] and "did not load" in lines[0]
+    # The same files: not tried again, however often it polls.
+    assert repository.refresh() is False and repository.refresh() is False
+    assert len(lines) == 1
+    # A file two folders down completes: tried again once its files settle.
+    truncated.write_bytes(data.read_bytes())
+    assert repository.refresh() is False  # changed just now: not yet
+    assert repository.current.version == 1
+    time.sleep(0.4)
+    assert repository.refresh() is True
+    assert repository.current.version == 2
+    assert repository.status()["model_version_status"][0] == {
+        "version": "2", "state": "AVAILABLE",
+        "status": {"error_code": "OK", "error_message": ""}}
+
+
+def test_a_new_version_is_loaded_only_once_its_files_settle(model, tmp_path):
+    base = tmp_path / NAME
+    export(model, base, "v1-")
+    repository = ModelRepository(base, NAME, settle_seconds=1.0)
+    repository.start()
+    export(model, base, "v2-")
+    assert repository.refresh() is False  # first seen now
+    assert repository.refresh() is False  # unchanged, but not for 1 s yet
+    (base / "2" / "assets.extra" / "note.txt").write_text("still copying")
+    time.sleep(1.1)
+    assert repository.refresh() is False  # a file changed: settling starts again
+    time.sleep(1.1)
+    assert repository.refresh() is True and repository.current.version == 2
