@@ -1,19 +1,18 @@
-"""`python -m stl10_keras.serve`: TF Serving's REST API for a SavedModel base path.
+"""`python -m stl10_keras.serve`: TF Serving's REST and gRPC APIs for a SavedModel
+base path (the code is in `stl10_keras.serving`; this is its entry point).
 
 Serves `saved_models/NAME/` (TF Serving's layout, `NAME/VERSION/`) so that a TF
-Serving client works unchanged:
+Serving client works unchanged, over REST (`--port`, 8501):
 
-    GET  /v1/models/NAME[/versions/V]            version status
-    GET  /v1/models/NAME[/versions/V]/metadata   signature defs
-    POST /v1/models/NAME[/versions/V]:predict    {"instances": ...} or {"inputs": ...}
+    GET  /v1/models/NAME[/versions/V|/labels/L]            version status
+    GET  /v1/models/NAME[/versions/V|/labels/L]/metadata   signature defs
+    POST /v1/models/NAME[/versions/V|/labels/L]:predict    {"instances"} / {"inputs"}
 
-Binary values are sent as `{"b64": "..."}` (the `serving_bytes` signature's
-`image_bytes`). The highest version that loads is served; a poller picks up a
-newly pushed version without a restart. Every error is `{"error": "<sentence>"}`
-with a 4xx status when the client can fix it.
-
-The HTTP layer is a Flask app on waitress (a threaded, production WSGI server);
-the request handling (`ModelRepository`, `predict`) has no HTTP in it.
+and over gRPC (`--grpc-port`, 8500): `PredictionService` (Predict,
+GetModelMetadata) and `ModelService.GetModelStatus`. The highest version that
+loads is served; a poller picks up a newly pushed version without a restart.
+A client's mistake gets a 4xx (or TF Serving's gRPC code) and one sentence.
+See docs/serving.md.
 """
 
 import sys

@@ -80,7 +80,8 @@ REST_CORPUS = [
     ("GET", f"{M}/versions/", None), ("GET", f"{M}/metadata/x", None),
     ("GET", f"{M}/labels/", None), ("GET", f"{M}/labels/stable/metadata", None),
     ("GET", "/v1/MODELS/DIGITS", None), ("GET", "/favicon.ico", None),
-    ("GET", f"{M}/" + "a" * 200_000, None), ("POST", "/v1/models/other:predict", rows([IMAGE])),
+    ("GET", f"{M}/" + "a" * 200_000, None),
+    ("POST", "/v1/models/other:predict", rows([IMAGE])),
     ("POST", f"{M}/versions/1/labels/x:predict", rows([IMAGE])),
     ("GET", "/v1/models/%2F%3A", None),
     # versions

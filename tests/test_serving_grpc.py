@@ -411,3 +411,26 @@ def test_cli_reports_a_grpc_port_in_use_in_one_line(exported):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
     assert len(errors) == 1 and f"127.0.0.1:{port}" in errors[0]
     assert "--grpc-port" in errors[0]
+
+
+def test_a_grey_28x28_model_is_served_with_its_own_shape(tmp_path):
+    # Shapes and channels come from the signature (a Fashion-MNIST-sized model).
+    keras.utils.set_random_seed(1)
+    model = build_model(preset("smoke", "digits"), (28, 28, 1))
+    base = tmp_path / NAME
+    export_saved_model(model, base, [f"c{i}" for i in range(10)])
+    x = np.random.default_rng(9).integers(0, 256, (2, 28, 28, 1), dtype=np.uint8)
+    want = keras.ops.convert_to_numpy(
+        keras.ops.softmax(model(x.astype("float32"), training=False)))
+    with both_servers(base) as (prediction, _, url):
+        got = outputs(prediction.Predict(predict_request(images=x), timeout=60))
+        np.testing.assert_allclose(got["probabilities"], want, rtol=1e-5, atol=1e-6)
+        rest = rest_predict(url, {"instances": x.tolist()})["predictions"]
+        np.testing.assert_array_equal(
+            np.float32([p["probabilities"] for p in rest]), got["probabilities"])
+        grey = np.array([png(image[..., 0]) for image in x], dtype=object)
+        by_png = outputs(prediction.Predict(
+            predict_request("serving_bytes", image_bytes=grey), timeout=60))
+        np.testing.assert_array_equal(by_png["probabilities"], got["probabilities"])
+        wrong = grpc_error(prediction, "Predict", predict_request(images=GOOD))
+        assert wrong[0] == INVALID and "[N, 28, 28, 1]" in wrong[1]

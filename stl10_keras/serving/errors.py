@@ -42,4 +42,6 @@ def one_line(error: BaseException, limit: int = 300) -> str:
 
 def clip(text: str, limit: int = 40) -> str:
     """`text` for an error sentence: a huge URL part is shortened, not echoed whole."""
-    return text if len(text) <= limit else f"{text[:limit - 13]}... ({len(text):,} chars)"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit - 13]}... ({len(text):,} chars)"
