@@ -117,6 +117,12 @@ REST_CORPUS = [
     ("POST", f"{M}:predict", b'{"instances": [-Infinity]}'),
     ("POST", f"{M}:predict", rows([IMAGE]).replace(b"[[[[", b"[[[[1e400, ", 1)
      .replace(b"1e400, " + str(IMAGE[0][0][0]).encode() + b", ", b"1e400, ", 1)),
+    ("POST", f"{M}:predict", rows([IMAGE]).replace(b"[[[[", b"[[[[" + b"7" * 5000, 1)),
+    ("POST", f"{M}:predict", '{"signature_name": "serving_bytes", "instances": '
+     '["\udcff"]}'.encode("utf-8", "surrogatepass")),
+    ("POST", f"{M}:predict", b'{"signature_name": "serving_bytes", "instances": '
+     b'["\\udcff"]}'),
+    ("GET", "/v1/models/%FF", None), ("GET", f"{M}/versions/%00", None),
     ("POST", f"{M}:predict", js({"instances": [], "inputs": []})),
     ("POST", f"{M}:predict", js({"instances": None})),
     ("POST", f"{M}:predict", js({"instances": {}})),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -132,7 +133,9 @@ def _string_input(name: str, value: Any, spec, row: bool) -> list[bytes]:
                 raise RequestError(400, f"{label} {i} of '{name}' is not valid base64."
                                    ) from None
         elif isinstance(item, str):
-            data = item.encode("utf-8")
+            # A lone surrogate ("\udcff", or such bytes in the body) is passed on
+            # as its bytes, as TF Serving passes strings on unvalidated.
+            data = item.encode("utf-8", "surrogatepass")
         else:
             raise RequestError(400, f"{label} {i} of '{name}' must be a string or "
                                f'{{"b64": "..."}}; found {type(item).__name__}.')
@@ -345,7 +348,11 @@ def parse_json(data: bytes) -> Any:
                            f"{e.lineno} column {e.colno}).") from None
     except RecursionError:
         raise RequestError(400, "The request body is nested too deeply.") from None
-    except ValueError as e:  # bad UTF-8, NaN/Infinity
+    except ValueError as e:  # bad UTF-8, NaN/Infinity, a number of 4,301+ digits
+        if "integer string conversion" in str(e):
+            raise RequestError(400, "The request body holds a number of more than "
+                               f"{sys.get_int_max_str_digits():,} digits; send "
+                               "pixels as 0..255.") from None
         raise RequestError(400, f"The request body is not valid JSON ({_one_line(e)})."
                            ) from None
 
