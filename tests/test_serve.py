@@ -619,3 +619,17 @@ def test_serve_benchmark_bad_flags_get_one_sentence(tmp_path, flags, code, needl
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert needle.format(tmp=tmp_path) in last
+
+
+@pytest.mark.e2e
+def test_serve_benchmark_measures_both_front_ends_and_the_signature():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "smoke",
+         "--seconds", "0.3", "--batches", "2", "--clients", "1"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| front end")]
+    assert sorted(r[0].strip() for r in rows) == ["REST", "gRPC", "in-process"]
+    for row in rows:
+        assert row[2].strip() == "2" and row[-1].strip() == "0", row
