@@ -6,4 +6,5 @@ its gRPC API), from one model repository.
     rest.py        TF Serving's REST API (Flask on waitress)
     grpc.py        TF Serving's gRPC PredictionService and ModelService
     cli.py         `python -m stl10_keras.serve`
+    errors.py      RequestError (an HTTP status and its gRPC code), NoVersionError
 """
