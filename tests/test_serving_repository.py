@@ -193,7 +193,8 @@ def test_a_version_copied_slowly_is_served_once_complete_without_failures(
     # The complete copy's load starts after settling (1 s) and a poll (0.2 s),
     # with a second of slack; clients get it as soon as it has loaded.
     _, start, end = max(load for load in loads if load[0] == 2)  # the last one
-    assert start - copied < 1.0 + 0.2 + 1.0, f"loading began {start - copied:.1f} s late"
+    assert start - copied < 1.0 + 0.2 + 1.0, (
+        f"loading began {start - copied:.1f} s after the copy")
     assert served - end < 1.0, f"served {served - end:.1f} s after it loaded"
     assert {name for _, _, name in results} <= {want} | {f"v1-{i}" for i in range(10)}
     print(f"version 2 served {served - copied:.2f} s after the copy ended (its "
