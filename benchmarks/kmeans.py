@@ -118,6 +118,7 @@ def main() -> None:
     import keras
 
     from stl10_keras import kmeans as km
+    from stl10_keras import patches as patch_lib
     from stl10_keras.model import build_model
 
     config = preset("default", variant="kmeans12")
@@ -169,9 +170,9 @@ def main() -> None:
           "inertia / MiniBatch |")
     print("|---|---|---|---|---|---|")
     for name, info in rows:
-        patches, _ = km.sample_patches(
+        patches, _ = patch_lib.sample_patches(
             batches(), info["patch_size"], kc.patches_per_image, kc.num_images,
-            [seed, 0], layers=km.prefix_layers(model, name), progress=False,
+            [seed, 0], layers=patch_lib.prefix_layers(model, name), progress=False,
         )
         z, _ = km.preprocess_patches(patches, kc.normalize, kc.whiten, kc.zca_epsilon)
         base = None

@@ -1,51 +1,89 @@
-"""Benchmark: the REST server (`python -m stl10_keras.serve`) under load on loopback.
+"""Benchmark: the model server's two front ends (REST and gRPC) under load on
+loopback, beside the in-process signature call on the same batches.
 
-    PYTHONPATH=. python benchmarks/serve.py [--preset default|smoke] [--clients 8] \\
-        [--seconds 10] [--batches 1,32] [--signatures default,bytes] \\
+    PYTHONPATH=. python benchmarks/serve.py [--preset default|smoke] \\
+        [--clients 1,4,16] [--batches 1,32] [--seconds 10] \\
+        [--signatures default,bytes] [--threads 8] \\
         [--model-base-path saved_models/NAME]
 
 Exports a digits-sized model (32x32x3 input; the `default` preset's widths
 64..512, or `smoke`; untrained weights, which do not change the speed) into a
-temp dir, or takes an existing `--model-base-path`, and starts the server on a
-free 127.0.0.1 port in a subprocess (so the clients and the server do not share
-one Python GIL). For each row, `--clients` threads, each with its own keep-alive
-HTTP connection, send the same prepared request in a loop for `--seconds`
-(after one second of warm-up that is not counted), then stop by themselves.
-Requests: `--batches` images per request, as uint8 instances
-(`serving_default`) or as base64 PNGs (`serving_bytes`); the images are
-scikit-learn's digits upsampled to 32x32x3, as `--dataset digits` trains on.
+temp dir, or takes an existing `--model-base-path` (its input shape is read from
+the served signature), and starts `python -m stl10_keras.serve` with REST and
+gRPC on free 127.0.0.1 ports in a subprocess (so the clients and the server do
+not share one Python GIL). For each row, that many client threads send the same
+prepared request in a loop for `--seconds` (after one second of warm-up that is
+not counted): a keep-alive HTTP connection each (REST, `{"instances": ...}`),
+a channel each (gRPC, `PredictionServiceStub.Predict` with
+`tf.make_tensor_proto`), or the SavedModel's signature called in this process
+(`in-process`: no transport, no request parsing; the upper bound). Requests:
+`--batches` random images per request, as uint8 (`serving_default`) or PNG
+bytes (`serving_bytes`).
 
-Prints a markdown table per row: requests, req/s, images/s, p50 and p99
-latency, and errors (a non-200 answer, a wrong number of predictions, or a
-connection error); the exit code is 1 if any error occurred.
+Prints a markdown table: requests, req/s, images/s, p50 and p99 latency, and
+errors (a failed call or a wrong number of predictions); the exit code is 1 if
+any error occurred.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import datetime
 import http.client
-import io
 import json
 import math
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from _common import cpu_name
 
-from stl10_keras.data import digits_images
-
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"
+FRONT_ENDS = ("in-process", "REST", "gRPC")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=("default", "smoke"), default="default",
+                        help="the exported model's widths (default: the lab's)")
+    parser.add_argument("--model-base-path", default=None,
+                        help="benchmark this export instead of a fresh one")
+    parser.add_argument("--clients", default="1,4,16",
+                        help="concurrent clients per row, comma-separated")
+    parser.add_argument("--threads", type=int, default=8, help="server threads")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per row")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--signatures", default="default",
+                        help="default (uint8 images) and/or bytes (PNG)")
+    parser.add_argument("--front-ends", default=",".join(FRONT_ENDS),
+                        help="in-process, REST and/or gRPC")
+    args = parser.parse_args(argv)
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+        args.clients = [int(c) for c in args.clients.split(",")]
+    except ValueError:
+        parser.error("--batches takes integers separated by commas, e.g. 1,32; "
+                     "--clients too, e.g. 1,4,16.")
+    args.signatures = args.signatures.split(",")
+    args.front_ends = args.front_ends.split(",")
+    if (args.threads < 1 or not 0 < args.seconds < math.inf
+            or min(args.batches) < 1 or min(args.clients) < 1
+            or not set(args.signatures) <= {"default", "bytes"}
+            or not set(args.front_ends) <= set(FRONT_ENDS)):
+        parser.error("--clients, --threads, --seconds and --batches must be positive; "
+                     "--signatures takes default and/or bytes; --front-ends takes "
+                     "in-process, REST and/or gRPC.")
+    return args
 
 
 def export_model(preset_name: str, folder: Path) -> Path:
@@ -62,29 +100,22 @@ def export_model(preset_name: str, folder: Path) -> Path:
     return base
 
 
-def request_body(images: np.ndarray, signature: str) -> bytes:
-    if signature == "default":
-        return json.dumps({"instances": images.tolist()}).encode()
-    from PIL import Image
-
-    instances = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, "PNG")
-        instances.append({"b64": base64.b64encode(buffer.getvalue()).decode()})
-    return json.dumps({"signature_name": "serving_bytes",
-                       "instances": instances}).encode()
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def start_server(base: Path, threads: int) -> tuple[subprocess.Popen, str, int]:
+def start_server(base: Path, threads: int) -> tuple[subprocess.Popen, str, str]:
+    """The server in a subprocess; returns it, its REST `host:port` and gRPC's."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
     # stderr to a file, not a pipe: nobody reads it while the server runs, and
     # a full pipe would block it; if it does not start, its error line is there.
     stderr = tempfile.TemporaryFile("w+")
     proc = subprocess.Popen(
         [sys.executable, "-m", "stl10_keras.serve", "--model-base-path", str(base),
-         "--model-name", NAME, "--port", "0", "--threads", str(threads),
-         "--max-body-mb", "64"],
+         "--model-name", NAME, "--port", "0", "--grpc-port", str(_free_port()),
+         "--threads", str(threads), "--max-body-mb", "64"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     if not select.select([proc.stdout], [], [], 300)[0]:
         proc.kill()
@@ -98,39 +129,138 @@ def start_server(base: Path, threads: int) -> tuple[subprocess.Popen, str, int]:
         raise SystemExit(errors[-1] if errors else
                          f"error: the server did not start ({line.strip()!r}).")
     stderr.close()
-    address = line.split("http://", 1)[1].split("/", 1)[0]
-    host, port = address.rsplit(":", 1)
-    return proc, host, int(port)
+    rest = line.split("http://", 1)[1].split("/", 1)[0]
+    grpc_address = line.split("gRPC at ", 1)[1].split(";", 1)[0]
+    return proc, rest, grpc_address
 
 
-def run_row(host: str, port: int, body: bytes, batch: int, clients: int,
-            seconds: float, warmup: float = 1.0) -> dict:
-    """`clients` threads send `body` until the time is up; returns the statistics."""
+def input_shape(rest: str, signature: str) -> list[int]:
+    """The served `serving_default` input's shape, without the batch axis."""
+    connection = http.client.HTTPConnection(*rest.rsplit(":", 1), timeout=60)
+    connection.request("GET", f"/v1/models/{NAME}/metadata")
+    defs = json.loads(connection.getresponse().read())["metadata"]["signature_def"]
+    connection.close()
+    [spec] = defs["signature_def"]["serving_default"]["inputs"].values()
+    return [int(d["size"]) for d in spec["tensor_shape"]["dim"]][1:]
+
+
+def make_images(shape: list[int], n: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, *shape), dtype=np.uint8)
+
+
+def png_bytes(images: np.ndarray) -> list[bytes]:
+    import io
+
+    from PIL import Image
+
+    out = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(
+            buffer, "PNG")
+        out.append(buffer.getvalue())
+    return out
+
+
+def in_process_client(base: Path, images: np.ndarray, signature: str
+                      ) -> Callable[[], Callable[[], bool]]:
+    import tensorflow as tf
+
+    from stl10_keras.export import list_versions
+
+    loaded = tf.saved_model.load(str(base / str(list_versions(base)[-1])))
+    if signature == "default":
+        fn, inputs = loaded.signatures["serving_default"], {
+            "images": tf.constant(images)}
+    else:
+        fn, inputs = loaded.signatures["serving_bytes"], {
+            "image_bytes": tf.constant(png_bytes(images))}
+
+    def make():
+        def send():
+            return int(fn(**inputs)["probabilities"].shape[0]) == len(images)
+        return send
+    return make
+
+
+def rest_client(rest: str, images: np.ndarray, signature: str
+                ) -> Callable[[], Callable[[], bool]]:
+    import base64
+
+    if signature == "default":
+        body = json.dumps({"instances": images.tolist()}).encode()
+    else:
+        body = json.dumps({"signature_name": "serving_bytes", "instances": [
+            {"b64": base64.b64encode(b).decode()} for b in png_bytes(images)]}
+            ).encode()
+    host, port = rest.rsplit(":", 1)
     path = f"/v1/models/{NAME}:predict"
+
+    def make():
+        state = {"c": http.client.HTTPConnection(host, int(port), timeout=60)}
+
+        def send():
+            try:
+                state["c"].request("POST", path, body,
+                                   {"Content-Type": "application/json"})
+                response = state["c"].getresponse()
+                data = response.read()
+                return (response.status == 200 and
+                        len(json.loads(data)["predictions"]) == len(images))
+            except (OSError, http.client.HTTPException, ValueError, KeyError):
+                state["c"].close()
+                state["c"] = http.client.HTTPConnection(host, int(port), timeout=60)
+                return False
+        return send
+    return make
+
+
+def grpc_client(address: str, images: np.ndarray, signature: str
+                ) -> Callable[[], Callable[[], bool]]:
+    import grpc
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = NAME
+    if signature == "default":
+        request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
+    else:
+        request.model_spec.signature_name = "serving_bytes"
+        request.inputs["image_bytes"].CopyFrom(
+            tf.make_tensor_proto(np.array(png_bytes(images), dtype=object)))
+    options = [("grpc.max_send_message_length", -1),
+               ("grpc.max_receive_message_length", -1)]
+
+    def make():
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(
+            grpc.insecure_channel(address, options=options))
+
+        def send():
+            try:
+                response = stub.Predict(request, timeout=60)
+            except grpc.RpcError:
+                return False
+            shape = response.outputs["probabilities"].tensor_shape.dim
+            return shape[0].size == len(images)
+        return send
+    return make
+
+
+def run_row(make: Callable[[], Callable[[], bool]], batch: int, clients: int,
+            seconds: float, warmup: float = 1.0) -> dict:
+    """`clients` threads call `send()` until the time is up; returns the statistics."""
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
     results: list[list] = [[] for _ in range(clients)]  # (t_end, latency, ok)
 
     def client(i: int) -> None:
-        connection = http.client.HTTPConnection(host, port, timeout=60)
-        try:
-            while time.perf_counter() < stop_at:
-                t0 = time.perf_counter()
-                try:
-                    connection.request("POST", path, body,
-                                       {"Content-Type": "application/json"})
-                    response = connection.getresponse()
-                    data = response.read()
-                    ok = (response.status == 200 and
-                          len(json.loads(data)["predictions"]) == batch)
-                except (OSError, http.client.HTTPException, ValueError, KeyError):
-                    ok = False
-                    connection.close()
-                    connection = http.client.HTTPConnection(host, port, timeout=60)
-                t1 = time.perf_counter()
-                results[i].append((t1, t1 - t0, ok))
-        finally:
-            connection.close()
+        send = make()
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            ok = send()
+            t1 = time.perf_counter()
+            results[i].append((t1, t1 - t0, ok))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True)
                for i in range(clients)]
@@ -138,7 +268,7 @@ def run_row(host: str, port: int, body: bytes, batch: int, clients: int,
         t.start()
     for t in threads:
         t.join(timeout=seconds + warmup + 120)
-    done = [r for rs in results for r in rs if r[0] >= measure_from and r[0] <= stop_at]
+    done = [r for rs in results for r in rs if measure_from <= r[0] <= stop_at]
     latencies = np.array([r[1] for r in done if r[2]]) * 1000
     return {
         "requests": len(done),
@@ -151,57 +281,43 @@ def run_row(host: str, port: int, body: bytes, batch: int, clients: int,
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=("default", "smoke"), default="default",
-                        help="the exported model's widths (default: the lab's)")
-    parser.add_argument("--model-base-path", default=None,
-                        help="benchmark this export instead of a fresh one")
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=8, help="server threads")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per row")
-    parser.add_argument("--batches", default="1,32")
-    parser.add_argument("--signatures", default="default,bytes")
-    args = parser.parse_args()
-    try:
-        batches = [int(b) for b in args.batches.split(",")]
-    except ValueError:
-        parser.error("--batches takes integers separated by commas, e.g. 1,32.")
-    signatures = args.signatures.split(",")
-    if (args.clients < 1 or args.threads < 1 or not 0 < args.seconds < math.inf
-            or min(batches) < 1 or not set(signatures) <= {"default", "bytes"}):
-        parser.error("--clients, --threads, --seconds and --batches must be positive; "
-                     "--signatures takes default and/or bytes.")
-
+    args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         if args.model_base_path:
             base, what = Path(args.model_base_path), args.model_base_path
         else:
             base, what = export_model(args.preset, Path(tmp)), f"{args.preset} preset"
-        images = digits_images()[0][:max(batches)]
-        proc, host, port = start_server(base, args.threads)
+        proc, rest, grpc_address = start_server(base, args.threads)
+        errors = 0
         try:
+            shape = input_shape(rest, "serving_default")
+            images = make_images(shape, max(args.batches))
             load_before = os.getloadavg()[0]
-            print(f"# REST server benchmark, {datetime.date.today()}, {cpu_name()}, "
-                  f"{os.cpu_count()} CPUs; digits model ({what}, 32x32x3), "
-                  f"{args.clients} clients, {args.threads} server threads, "
-                  f"{args.seconds:g} s per row\n", flush=True)
-            print("| request | batch | requests | req/s | images/s | p50 ms | p99 ms "
-                  "| errors |")
-            print("|---|---|---|---|---|---|---|---|", flush=True)
-            errors = 0
-            for signature in signatures:
-                for batch in batches:
-                    body = request_body(images[:batch], signature)
-                    row = run_row(host, port, body, batch, args.clients, args.seconds)
-                    errors += row["errors"]
-                    label = ("uint8 instances (serving_default)" if signature ==
-                             "default" else "b64 PNG (serving_bytes)")
-                    print(f"| {label} | {batch} | {row['requests']} | "
-                          f"{row['rps']:.1f} | {row['ips']:.1f} | {row['p50']:.1f} | "
-                          f"{row['p99']:.1f} | {row['errors']} |", flush=True)
-            print(f"\nrequest body: {len(request_body(images[:1], 'default')):,} bytes "
-                  f"per uint8 image as JSON; 1-min load average "
-                  f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+            print(f"# Model server benchmark, {datetime.date.today()}, {cpu_name()}, "
+                  f"{os.cpu_count()} CPUs; model {what} "
+                  f"({'x'.join(map(str, shape))} uint8 input), {args.threads} server "
+                  f"threads, {args.seconds:g} s per row\n", flush=True)
+            print("| front end | request | batch | clients | requests | req/s | "
+                  "images/s | p50 ms | p99 ms | errors |")
+            print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+            clients_of = {"in-process": lambda b, s: in_process_client(base, b, s),
+                          "REST": lambda b, s: rest_client(rest, b, s),
+                          "gRPC": lambda b, s: grpc_client(grpc_address, b, s)}
+            for signature in args.signatures:
+                label = "uint8" if signature == "default" else "PNG bytes"
+                for batch in args.batches:
+                    for front in args.front_ends:
+                        make = clients_of[front](images[:batch], signature)
+                        for clients in args.clients:
+                            row = run_row(make, batch, clients, args.seconds)
+                            errors += row["errors"]
+                            print(f"| {front} | {label} | {batch} | {clients} | "
+                                  f"{row['requests']} | {row['rps']:.1f} | "
+                                  f"{row['ips']:.1f} | {row['p50']:.1f} | "
+                                  f"{row['p99']:.1f} | {row['errors']} |",
+                                  flush=True)
+            print(f"\n1-min load average {load_before:.1f} before, "
+                  f"{os.getloadavg()[0]:.1f} after")
         finally:
             proc.send_signal(signal.SIGINT)
             try:

@@ -89,23 +89,29 @@ def check_encoded_image(data: bytes) -> tuple[str, int, int]:
             `MAX_IMAGE_PIXELS` pixels.
     """
     import io
+    import re
     import warnings
 
     from PIL import Image, UnidentifiedImageError
 
+    too_many = (f"more than the {MAX_IMAGE_PIXELS:,} allowed; scale it down first")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning
             with Image.open(io.BytesIO(data)) as image:
                 fmt, (width, height) = image.format, image.size
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
-            ValueError, SyntaxError):
+    except Image.DecompressionBombError as e:
+        # Past twice Pillow's own limit it refuses the header; its message
+        # holds the pixel count ("Image size (400000000 pixels) exceeds ...").
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        count = f"{int(pixels[1]):,} pixels" if pixels else "too many pixels"
+        raise ValueError(f"has {count}, {too_many}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise ValueError("is not a JPEG, PNG, GIF, BMP or WebP image") from None
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"is a {fmt} image; send JPEG, PNG, GIF, BMP or WebP")
     if width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(f"is {width}x{height} pixels, more than the "
-                         f"{MAX_IMAGE_PIXELS:,} allowed; scale it down first")
+        raise ValueError(f"is {width}x{height} pixels, {too_many}")
     return fmt, width, height
 
 

@@ -17,6 +17,7 @@ import pytest
 from scipy.ndimage import gaussian_filter
 
 from stl10_keras import kmeans as km
+from stl10_keras import patches as patch_lib
 from stl10_keras.config import ConfigError, KMeansConfig, preset
 from stl10_keras.model import build_model
 from stl10_keras.visualize import save_centroid_grid, save_filter_grid
@@ -53,7 +54,7 @@ def test_patches_are_crops_of_their_image_inside_bounds():
     images[..., 0] = yy * 16 + xx  # encodes the position
     images[..., 1] = 255 - images[..., 0]
     images[..., 2] = np.arange(n)[:, None, None]  # encodes the image
-    patches, read = km.sample_patches(
+    patches, read = patch_lib.sample_patches(
         batches_of(images, 4), k, per_image, n, seed=0, progress=False
     )
     assert read == n and patches.shape == (n * per_image, k * k * 3)
@@ -77,12 +78,12 @@ def test_stream_is_read_lazily_up_to_num_images():
             pulled["batches"] += 1
             yield rng.integers(0, 256, (batch_size, 10, 10, 3), dtype=np.uint8)
 
-    patches, read = km.sample_patches(endless(), 3, 5, 20, seed=0, progress=False)
+    patches, read = patch_lib.sample_patches(endless(), 3, 5, 20, seed=0, progress=False)
     assert read == 20 and len(patches) == 100
     assert pulled["batches"] == 3  # 8 + 8 + 4 of the third; never a fourth batch
 
     with pytest.warns(UserWarning, match="ended after 6"):
-        patches, read = km.sample_patches(
+        patches, read = patch_lib.sample_patches(
             batches_of(smooth_images(6), 4), 3, 5, 20, seed=0, progress=False
         )
     assert read == 6 and len(patches) == 30
@@ -154,7 +155,7 @@ def test_folded_whitening_equals_explicit_whitening(normalize):
     eps_zca = 0.01
     images = smooth_images(50, size=12, seed=4)
     rescaled = images.astype(np.float64) / 127.5 - 1
-    patches, _ = km.sample_patches(batches_of(rescaled, 25), 3, 40, 50, seed=0,
+    patches, _ = patch_lib.sample_patches(batches_of(rescaled, 25), 3, 40, 50, seed=0,
                                    progress=False)
     raw = patches.astype(np.float64)
     z, prep = km.preprocess_patches(patches, normalize, True, eps_zca)
@@ -240,14 +241,14 @@ def test_deeper_patches_are_windows_of_training_mode_forward(batch_norm, layer, 
         model.get_layer(bn).beta.assign(rng.normal(0, 0.5, width))
     # More images than one step of the statistics pass, fewer than BN_STATS_IMAGES.
     images = smooth_images(20, size)
-    assert km._MAP_CHUNK < 20 <= km.BN_STATS_IMAGES
+    assert patch_lib._MAP_CHUNK < 20 <= patch_lib.BN_STATS_IMAGES
     reference = keras.Model(model.input, model.get_layer(layer).input)(
         images.astype(np.float32), training=True)
     reference = keras.ops.convert_to_numpy(reference)
     channels = reference.shape[-1]
-    patches, read = km.sample_patches(
+    patches, read = patch_lib.sample_patches(
         batches_of(images, 8), 3, 5, 20, seed=0,
-        layers=km.prefix_layers(model, layer), progress=False)
+        layers=patch_lib.prefix_layers(model, layer), progress=False)
     assert read == 20 and patches.shape == (100, 9 * channels)
     for image, per_image in zip(reference, patches.reshape(20, 5, 3, 3, channels)):
         windows = np.lib.stride_tricks.sliding_window_view(image, (3, 3), axis=(0, 1))

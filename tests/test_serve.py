@@ -178,11 +178,15 @@ def test_uint8_instances_match_the_saved_models_signature(url, reference):
         "instances": [{"images": image.tolist()} for image in x]})
     assert status == 200
     assert_rows_match(body["predictions"], want)
-    # Integral floats are whole numbers in 0..255: accepted.
-    status, body = call(f"{url}:predict", {"instances": x[:1].astype(float).tolist()})
+    # An empty signature_name is the default signature, as in TF Serving.
+    status, body = call(f"{url}:predict", {"signature_name": "",
+                                           "instances": x.tolist()})
     assert status == 200
-    np.testing.assert_allclose(body["predictions"][0]["probabilities"],
-                               want["probabilities"][0], rtol=1e-6, atol=1e-7)
+    assert_rows_match(body["predictions"], want)
+    # Floats are refused for uint8, as TF Serving's json_tensor.cc does ("1.0" is
+    # not an integer), even where they are whole numbers.
+    status, body = call(f"{url}:predict", {"instances": x[:1].astype(float).tolist()})
+    assert status == 400 and "without a decimal point" in body["error"]
 
 
 def test_columnar_inputs_give_columnar_outputs(url, reference):
@@ -270,9 +274,11 @@ BAD_REQUESTS = [
      "no version 7"),
     ("version not a number", "/versions/latest", "GET", None, 400, "not a number"),
     ("unknown version status", "/versions/7", "GET", None, 404, "no version 7"),
-    ("GET on predict", ":predict", "GET", None, 405, "POST"),
-    ("unknown method", ":explain", "POST", {}, 404, ":explain"),
-    ("labels", "/labels/stable:predict", "POST", {}, 404, "labels"),
+    # TF Serving: 400 "Malformed request" for a method or verb it has no route for.
+    ("GET on predict", ":predict", "GET", None, 400, "Malformed request: GET"),
+    ("unknown method", ":explain", "POST", {}, 400, "Malformed request: POST"),
+    ("labels", "/labels/stable:predict", "POST", {}, 400,
+     "Unrecognized servable version label: 'stable'"),
     ("oversized body", ":predict", "POST", b" " * (MAX_BODY + 100_000), 413,
      "--max-body-mb"),
 ]
@@ -309,6 +315,78 @@ def test_a_fractional_max_body_mb_is_named_as_given(exported):
         status, reply = call(f"{url}:predict", raw=b" " * (limit + 1000))
     assert status == 413
     assert "limit of 0.1 MB" in reply["error"], reply
+
+
+def test_routes_are_case_insensitive_as_tf_servings_regexes(url, reference):
+    root, rest = url.split("/v1/models/", 1)
+    x = images(6, 1)
+    want = as_lists(reference["serving_default"](images=tf.constant(x)))
+    status, body = call(f"{root}/V1/Models/{rest}/VERSIONS/1/MetaData")
+    assert status == 200 and body["model_spec"]["version"] == "1"
+    status, body = call(f"{root}/v1/MODELS/{rest}:PREDICT", {"instances": x.tolist()})
+    assert status == 200
+    assert_rows_match(body["predictions"], want)
+
+
+def test_get_models_without_a_name_is_tf_servings_400(url):
+    root = url.split("/v1/models/", 1)[0]
+    status, reply = call(f"{root}/v1/models")
+    assert status == 400 and reply["error"].startswith("Missing model name")
+
+
+def test_unpadded_base64_is_accepted_as_absl_does(url):
+    data = encode(images(7, 1)[0], "PNG")
+    text = base64.b64encode(data).decode()
+    assert text.endswith("=")  # the PNG's length needs padding
+    bodies = [{"signature_name": "serving_bytes", "instances": [{"b64": t}]}
+              for t in (text, text.rstrip("="))]
+    answers = [call(f"{url}:predict", body) for body in bodies]
+    assert answers[0][0] == 200 and answers[0] == answers[1]
+
+
+def test_metadata_prints_empty_defaults_as_tf_serving(url):
+    defs = call(f"{url}/metadata")[1]["metadata"]["signature_def"]["signature_def"]
+    assert all(sig["defaults"] == {} for sig in defs.values())
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "\u0661", "9" * 5000, "1" * 20])
+def test_a_version_that_is_not_an_int64_is_a_400_not_a_500(url, version):
+    quoted = urllib.request.quote(version)
+    for suffix, body in (("", None), ("/metadata", None),
+                         (":predict", {"instances": images(8, 1).tolist()})):
+        status, reply = call(f"{url}/versions/{quoted}{suffix}", body)
+        assert status == 400, reply
+        assert "\n" not in reply["error"] and len(reply["error"]) < 200
+
+
+def test_cors_headers_only_with_enable_cors(exported):
+    _, base = exported
+    repository = ModelRepository(base, NAME)
+    repository.start()
+    for enable in (False, True):
+        server = ModelServer(repository, "127.0.0.1", 0, threads=2, enable_cors=enable)
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        try:
+            for method, path in (("GET", f"/v1/models/{NAME}"),
+                                 ("GET", "/v1/models/other"),
+                                 ("OPTIONS", f"/v1/models/{NAME}:predict")):
+                connection = http.client.HTTPConnection(server.host, server.port,
+                                                        timeout=60)
+                connection.request(method, path)
+                response = connection.getresponse()
+                response.read()
+                connection.close()
+                origin = response.getheader("Access-Control-Allow-Origin")
+                assert origin == ("*" if enable else None), (method, path)
+                if method == "OPTIONS":  # a preflight: 200 only with CORS
+                    assert response.status == (200 if enable else 400)
+                    if enable:
+                        assert response.getheader(
+                            "Access-Control-Allow-Methods") == "POST, GET"
+        finally:
+            server.close()
+            thread.join(timeout=10)
 
 
 def test_unknown_model_and_path_are_404_and_the_server_keeps_serving(url):
@@ -397,7 +475,9 @@ def test_a_version_that_does_not_load_is_refused(tmp_path):
 # --- the command line -----------------------------------------------------------------
 
 def _serve_cli(*args):
-    return [sys.executable, "-m", "stl10_keras.serve", *args]
+    # No gRPC API unless a test asks for one: port 8500 may be taken here.
+    grpc = () if "--grpc-port" in args else ("--grpc-port", "0")
+    return [sys.executable, "-m", "stl10_keras.serve", *args, *grpc]
 
 
 @pytest.mark.parametrize(
@@ -425,6 +505,10 @@ def test_cli_refuses_to_start_without_a_valid_version(tmp_path, layout):
 @pytest.mark.parametrize("flag, value", [
     ("--poll-seconds", "1e308"), ("--poll-seconds", "inf"), ("--poll-seconds", "nan"),
     ("--threads", "100000"), ("--max-body-mb", "1e300"), ("--max-body-mb", "0"),
+    ("--grpc-port", "65536"), ("--grpc-port", "-1"), ("--settle-seconds", "0"),
+    ("--version-labels", "stable"), ("--version-labels", "stable=x"),
+    ("--version-labels", "a/b=1"), ("--version-labels", "s=1,s=2"),
+    ("--version-labels", "s=99999999999999999999"),
 ])
 def test_cli_refuses_numbers_out_of_range_as_a_usage_error(flag, value):
     # In process: argparse exits 2 with one usage sentence before anything loads
@@ -436,6 +520,10 @@ def test_cli_refuses_numbers_out_of_range_as_a_usage_error(flag, value):
     args = serve.build_parser().parse_args(
         ["--model-base-path", "m", "--poll-seconds", "86400", "--threads", "1024"])
     assert args.poll_seconds == 86400 and args.threads == 1024
+    args = serve.build_parser().parse_args(
+        ["--model-base-path", "m", "--version-labels", "stable=2, canary=3"])
+    assert args.version_labels == {"stable": 2, "canary": 3}
+    assert args.grpc_port == 8500 and args.port == 8501 and not args.enable_cors
 
 
 def test_cli_refuses_a_host_that_does_not_resolve_without_a_traceback(exported):
@@ -516,6 +604,8 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
     (["--batches", "1,x"], 2, "--batches takes integers"),
     (["--seconds", "nan"], 2, "--seconds"),
     (["--threads", "0"], 2, "--threads"),
+    (["--clients", "1,0"], 2, "--clients"),
+    (["--front-ends", "REST,soap"], 2, "--front-ends"),
     # The server's own sentence, not "the server did not start ('')".
     (["--model-base-path", "{tmp}/missing"], 1, "{tmp}/missing does not exist"),
 ])
@@ -529,3 +619,17 @@ def test_serve_benchmark_bad_flags_get_one_sentence(tmp_path, flags, code, needl
     assert "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert needle.format(tmp=tmp_path) in last
+
+
+@pytest.mark.e2e
+def test_serve_benchmark_measures_both_front_ends_and_the_signature():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "smoke",
+         "--seconds", "0.3", "--batches", "2", "--clients", "1"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| front end")]
+    assert sorted(r[0].strip() for r in rows) == ["REST", "gRPC", "in-process"]
+    for row in rows:
+        assert row[2].strip() == "2" and row[-1].strip() == "0", row

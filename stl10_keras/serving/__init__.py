@@ -1,0 +1,10 @@
+"""Serving a SavedModel base path as TF Serving does (its REST API and, beside it,
+its gRPC API), from one model repository.
+
+    repository.py  the versions of a model base path: loading, polling, hot swap
+    codec.py       a request -> tensors -> the signature -> a response (no transport)
+    rest.py        TF Serving's REST API (Flask on waitress)
+    grpc.py        TF Serving's gRPC PredictionService and ModelService
+    cli.py         `python -m stl10_keras.serve`
+    errors.py      RequestError (an HTTP status and its gRPC code), NoVersionError
+"""

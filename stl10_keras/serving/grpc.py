@@ -1,0 +1,243 @@
+"""TF Serving's gRPC API over a `ModelRepository`: PredictionService and ModelService.
+
+Built on grpcio and the `tensorflow-serving-api` package's generated stubs, so a
+client written for TF Serving (`prediction_service_pb2_grpc.PredictionServiceStub`,
+`tf.make_tensor_proto`) works unchanged. Status codes are TF Serving's:
+NOT_FOUND for an unknown model or version, INVALID_ARGUMENT for a bad request
+(dtype, shape, undecodable image, unknown label or signature, Classify/Regress on
+a predict-only model), RESOURCE_EXHAUSTED over the size limit. INTERNAL is kept
+for a bug in this server; a client's mistake never gets it.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from stl10_keras.serving.codec import (
+    input_dtype_name,
+    protos_from_outputs,
+    run_signature,
+    signature_of,
+    tensor_from_proto,
+)
+from stl10_keras.serving.errors import RequestError, clip
+from stl10_keras.serving.errors import one_line as _one_line
+from stl10_keras.serving.repository import ModelRepository, Servable
+
+SIGNATURE_DEF = "signature_def"  # GetModelMetadataImpl::kSignatureDef
+
+
+def _answer(method: Callable) -> Callable:
+    """Run a servicer method; a `RequestError` becomes its gRPC status code."""
+    def handler(self, request, context):
+        try:
+            return method(self, request, context)
+        except RequestError as e:
+            context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message)
+        except Exception as e:  # a bug here, not the client's: say so once
+            traceback.print_exc(file=sys.stderr)
+            context.abort(grpc.StatusCode.INTERNAL,
+                          f"Internal server error ({_one_line(e)}).")
+    handler.__name__ = method.__name__
+    handler.__doc__ = method.__doc__
+    return handler
+
+
+def _servable(repository: ModelRepository, model_spec) -> Servable:
+    """The version a `ModelSpec` names (version, label, or the latest)."""
+    repository.check_name(model_spec.name)
+    choice = model_spec.WhichOneof("version_choice")
+    if choice == "version":
+        return repository.get(model_spec.version.value)
+    if choice == "version_label":
+        return repository.get(label=model_spec.version_label)
+    return repository.get()
+
+
+class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
+    """TF Serving's `PredictionService` for the predict signatures of a repository.
+
+    Args:
+        repository: the started `ModelRepository`.
+        max_tensor_bytes: an input tensor larger than this is RESOURCE_EXHAUSTED.
+    """
+
+    def __init__(self, repository: ModelRepository, max_tensor_bytes: int):
+        self.repository = repository
+        self.max_tensor_bytes = max_tensor_bytes
+
+    @_answer
+    def Predict(self, request, context):
+        """Run a signature on `request.inputs`; `output_filter` picks outputs."""
+        servable = _servable(self.repository, request.model_spec)
+        signature, fn = signature_of(servable, request.model_spec.signature_name)
+        specs = fn.structured_input_signature[1]
+        if sorted(request.inputs) != sorted(specs):
+            raise RequestError(400, f"The request's inputs are "
+                               f"{sorted(clip(k) for k in request.inputs)}; "
+                               f"signature '{signature}' takes {sorted(specs)}.")
+        tensors = {
+            name: tensor_from_proto(
+                name, request.inputs[name], specs[name],
+                input_dtype_name(servable, signature, name, specs[name]),
+                self.max_tensor_bytes)
+            for name in sorted(specs)}
+        arrays = run_signature(signature, fn, tensors, row=False)
+        wanted = list(request.output_filter) or list(arrays)
+        unknown = [k for k in wanted if k not in arrays]
+        if unknown:
+            raise RequestError(400, f"output_filter names {clip(unknown[0])!r}, not an "
+                               f"output of signature '{signature}' "
+                               f"({sorted(arrays)}).")
+        response = predict_pb2.PredictResponse()
+        self._model_spec(response.model_spec, servable, signature)
+        for name, proto in protos_from_outputs(
+                {k: arrays[k] for k in wanted}).items():
+            response.outputs[name].CopyFrom(proto)
+        return response
+
+    @_answer
+    def GetModelMetadata(self, request, context):
+        """The signature defs (the only metadata field TF Serving has)."""
+        if not request.metadata_field:
+            raise RequestError(400, "GetModelMetadataRequest must specify at least "
+                               f"one metadata_field; ask for '{SIGNATURE_DEF}'.")
+        for field in request.metadata_field:
+            if field != SIGNATURE_DEF:
+                raise RequestError(400, f"Metadata field {clip(field)!r} is not "
+                                   f"supported; ask for '{SIGNATURE_DEF}'.")
+        servable = _servable(self.repository, request.model_spec)
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        self._model_spec(response.model_spec, servable)
+        response.metadata[SIGNATURE_DEF].Pack(servable.signature_def_map)
+        return response
+
+    def _predict_only(self, request, kind: str) -> None:
+        servable = _servable(self.repository, request.model_spec)
+        signature, _ = signature_of(servable, request.model_spec.signature_name)
+        method = servable.signature_defs[signature]["method_name"]
+        verb = {"classification": "classify", "regression": "regress"}[kind]
+        raise RequestError(400, f"Expected {kind} signature method_name to be "
+                           f"tensorflow/serving/{verb}. Was: {method}; this model has "
+                           "predict signatures only, use Predict.")
+
+    @_answer
+    def Classify(self, request, context):
+        """INVALID_ARGUMENT: the signatures are predict signatures (as TF Serving)."""
+        self._predict_only(request, "classification")
+
+    @_answer
+    def Regress(self, request, context):
+        """INVALID_ARGUMENT: the signatures are predict signatures (as TF Serving)."""
+        self._predict_only(request, "regression")
+
+    @_answer
+    def MultiInference(self, request, context):
+        """INVALID_ARGUMENT: it runs classify/regress signatures, which are absent."""
+        for task in request.tasks:
+            self._predict_only(task, "classification")
+        raise RequestError(400, "MultiInference needs at least one task; this model "
+                           "has predict signatures only, use Predict.")
+
+    def _model_spec(self, spec, servable: Servable, signature: str | None = None):
+        spec.name = self.repository.name
+        spec.version.value = servable.version
+        if signature is not None:
+            spec.signature_name = signature
+
+
+class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
+    """TF Serving's `ModelService.GetModelStatus` (HandleReloadConfigRequest is
+    UNIMPLEMENTED: this server serves one model base path from its flags)."""
+
+    def __init__(self, repository: ModelRepository):
+        self.repository = repository
+
+    @_answer
+    def GetModelStatus(self, request, context):
+        """Every version tried, newest first, or the one `model_spec` names."""
+        from tensorflow.core.protobuf import error_codes_pb2
+
+        if not request.HasField("model_spec"):
+            raise RequestError(400, "Missing ModelSpec; set model_spec.name to "
+                               f"'{self.repository.name}'.")
+        spec = request.model_spec
+        if spec.name != self.repository.name:
+            raise RequestError(404, f"Could not find any versions of model "
+                               f"{clip(spec.name)!r}; this server serves "
+                               f"'{self.repository.name}'.")
+        version = spec.version.value if spec.HasField("version") else None
+        response = get_model_status_pb2.GetModelStatusResponse()
+        states = get_model_status_pb2.ModelVersionStatus.State
+        for v, state, code, message in self.repository.version_states(version):
+            status = response.model_version_status.add(
+                version=v, state=states.Value(state))
+            status.status.error_code = error_codes_pb2.Code.Value(code)
+            status.status.error_message = message
+        return response
+
+
+class GrpcServer:
+    """TF Serving's gRPC API of a `ModelRepository` on grpcio.
+
+    Binds at construction (`port=0` picks a free port: see `.port`); `start()`
+    serves in grpcio's threads until `stop()`.
+
+    Args:
+        repository: the started `ModelRepository`.
+        host: the address to bind.
+        port: the TCP port (0: any free one).
+        threads: requests handled at the same time.
+        max_message_bytes: larger requests get RESOURCE_EXHAUSTED (from grpcio).
+
+    Raises:
+        OSError: the address cannot be bound.
+    """
+
+    def __init__(self, repository: ModelRepository, host: str = "127.0.0.1",
+                 port: int = 8500, threads: int = 8,
+                 max_message_bytes: int = 16 * 2**20):
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
+            options=[("grpc.max_receive_message_length", max_message_bytes),
+                     ("grpc.max_send_message_length", -1),
+                     # A port in use is an error, not a second listener.
+                     ("grpc.so_reuseport", 0)])
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionServicer(repository, max_message_bytes), self._server)
+        model_service_pb2_grpc.add_ModelServiceServicer_to_server(
+            ModelServicer(repository), self._server)
+        self.host = host
+        address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        try:
+            self.port = self._server.add_insecure_port(address)
+        except RuntimeError as e:  # grpcio >= 1.x raises instead of returning 0
+            raise OSError(f"cannot bind {address}") from e
+        if not self.port:
+            raise OSError(f"cannot bind {address}")
+
+    @property
+    def address(self) -> str:
+        """`host:port`, as a gRPC channel takes it."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> None:
+        """Serve in the background."""
+        self._server.start()
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop serving; requests in flight get `grace` seconds to finish."""
+        self._server.stop(grace).wait()

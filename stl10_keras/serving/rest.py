@@ -1,0 +1,232 @@
+"""TF Serving's REST API over a `ModelRepository`: a Flask app on waitress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import traceback
+from typing import Any
+
+from stl10_keras.serving.codec import parse_json
+from stl10_keras.serving.codec import predict
+from stl10_keras.serving.errors import RequestError, clip
+from stl10_keras.serving.errors import one_line as _one_line
+from stl10_keras.serving.repository import ModelRepository, parse_version
+
+DEFAULT_MAX_BODY_MB = 16.0
+DEFAULT_THREADS = 8
+# TF Serving's REST routes (`http_rest_api_util.cc`): case-insensitive, and
+# anything else under /v1/ is a 400 "Malformed request". A version is matched
+# loosely here so that `parse_version` can say what is wrong with it.
+_V1 = re.compile(r"/v1/.*", re.IGNORECASE | re.DOTALL)
+_SPEC = (r"(?:/versions/(?P<version>[^/:]+)|/labels/(?P<label>[^/:]+))?")
+_PREDICT = re.compile(r"/v1/models/(?P<name>[^/:]+)" + _SPEC + r":(?P<verb>[^/:]*)",
+                      re.IGNORECASE | re.DOTALL)
+_STATUS = re.compile(r"/v1/models(?:/(?P<name>[^/:]+))?" + _SPEC +
+                     r"(?P<metadata>/metadata)?", re.IGNORECASE | re.DOTALL)
+#: The headers of TF Serving's `--rest_api_enable_cors_support` (`AddCORSHeaders`).
+CORS_HEADERS = {"Access-Control-Allow-Origin": "*",
+                "Access-Control-Allow-Methods": "POST, GET",
+                "Access-Control-Allow-Headers": "Content-Type"}
+
+
+def _too_large(max_body_bytes: int) -> str:
+    return (f"The request body is larger than this server's limit of "
+            f"{max_body_bytes / 2**20:.4g} MB; send fewer instances per request or "
+            "restart the server with a larger --max-body-mb.")
+
+
+def make_app(repository: ModelRepository, max_body_bytes: int,
+             enable_cors: bool = False):
+    """The Flask app of TF Serving's REST API over `repository`.
+
+    Args:
+        repository: the started `ModelRepository`.
+        max_body_bytes: larger request bodies get HTTP 413.
+        enable_cors: add TF Serving's CORS headers to every response and answer
+            an `OPTIONS` preflight (`--enable-cors`).
+
+    Returns:
+        A `flask.Flask` WSGI app.
+    """
+    import flask
+    from werkzeug.exceptions import HTTPException
+
+    app = flask.Flask("stl10_keras.serve")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    app.url_map.merge_slashes = False  # '//' is a malformed path, not a redirect
+    name = repository.name
+    api = (f"GET /v1/models/{name}[/versions/V|/labels/L][/metadata] and "
+           f"POST /v1/models/{name}[/versions/V|/labels/L]:predict")
+
+    def reply(payload: dict[str, Any], status: int = 200):
+        return flask.Response(json.dumps(payload), status, mimetype="application/json")
+
+    @app.errorhandler(RequestError)
+    def request_error(e: RequestError):
+        return reply({"error": e.message}, e.status)
+
+    @app.errorhandler(HTTPException)
+    def http_error(e: HTTPException):
+        messages = {404: f"Unknown path; the API is {api}.",
+                    413: _too_large(max_body_bytes)}
+        status = e.code if e.code in messages else 400
+        message = messages.get(status, f"{e.name}: {e.description}")
+        return reply({"error": message}, status)
+
+    @app.errorhandler(Exception)
+    def internal_error(e: Exception):
+        traceback.print_exc(file=sys.stderr)
+        return reply({"error": f"Internal server error ({_one_line(e)})."}, 500)
+
+    if enable_cors:
+        @app.after_request
+        def add_cors_headers(response):
+            response.headers.update(CORS_HEADERS)
+            return response
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+
+    @app.route("/", defaults={"path": ""}, methods=methods,
+               provide_automatic_options=False, strict_slashes=False)
+    @app.route("/<path:path>", methods=methods, provide_automatic_options=False,
+               strict_slashes=False)
+    def dispatch(path: str):
+        path, method = flask.request.path, flask.request.method
+        if not _V1.fullmatch(path):
+            raise RequestError(404, f"Unknown path '{clip(path, 80)}'; the API is "
+                               f"{api}.")
+        if enable_cors and method == "OPTIONS":
+            return reply({})
+        route = {"POST": _PREDICT, "GET": _STATUS}.get(method)
+        match = route.fullmatch(path) if route else None
+        if match is None:
+            raise RequestError(400, f"Malformed request: {method} {clip(path, 80)}; "
+                               f"the API is {api}.")
+        if not match["name"]:
+            raise RequestError(400, "Missing model name in request; ask for "
+                               f"/v1/models/{name}.")
+        text = match["version"]
+        version = None if text is None else parse_version(text)
+        label = match["label"]
+        repository.check_name(match["name"])
+        if method == "GET":
+            if match["metadata"]:
+                return reply(repository.metadata(version, label))
+            return reply(repository.status(version))  # a label is ignored, as in TF
+        verb = match["verb"].lower()
+        if verb in ("classify", "regress"):
+            raise RequestError(400, f":{verb} needs a classification or regression "
+                               "signature; this model has predict signatures, use "
+                               ":predict.")
+        if verb != "predict":
+            raise RequestError(400, f"Malformed request: {method} {clip(path, 80)}; "
+                               f"the API is {api}.")
+        servable = repository.get(version, label)  # a bad URL first, whatever the body
+        data = flask.request.get_data(cache=False)
+        body = parse_json(data)
+        return reply(predict(servable, body, b"true" in data or b"false" in data))
+
+    return app
+
+
+def _json_error_channel(max_body_bytes: int):
+    """A waitress channel whose own error responses (413 before the body is read,
+    malformed HTTP) are `{"error": ...}` JSON like the app's."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class JSONErrorTask(ErrorTask):
+        def execute(self):
+            error = self.request.error
+            message = (_too_large(max_body_bytes) if error.code == 413
+                       else f"{error.reason}: {str(error.body).rstrip('.')}.")
+            body = json.dumps({"error": message}).encode()
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.append(("Content-Type", "application/json"))
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    class JSONErrorChannel(HTTPChannel):
+        error_task_class = JSONErrorTask
+
+    return JSONErrorChannel
+
+
+class ModelServer:
+    """The REST API of a `ModelRepository` on waitress.
+
+    Binds at construction (`port=0` picks a free port: see `.port`); `run()`
+    serves until `close()` (from another thread) or Ctrl-C.
+
+    Args:
+        repository: the started `ModelRepository`.
+        host: the address to bind; 127.0.0.1 keeps it off the network.
+        port: the TCP port (0: any free one).
+        threads: requests handled at the same time.
+        max_body_bytes: larger request bodies get HTTP 413.
+        enable_cors: TF Serving's CORS headers on every response.
+    """
+
+    def __init__(self, repository: ModelRepository, host: str = "127.0.0.1",
+                 port: int = 8501, threads: int = DEFAULT_THREADS,
+                 max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
+                 enable_cors: bool = False):
+        from waitress.server import create_server
+
+        # waitress warns "Task queue depth is N" whenever all threads are busy.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+        self.repository = repository
+        self._server = create_server(
+            make_app(repository, max_body_bytes, enable_cors), host=host, port=port,
+            threads=threads,
+            # Bodies up to 4x the limit are read (past 512 KB into a temp file)
+            # and refused by Flask with a JSON 413: a client that sends its whole
+            # body before reading the answer (urllib, requests) then gets it.
+            # Larger ones waitress refuses from their headers, also as JSON, but
+            # it closes the connection while such a client may still be sending.
+            max_request_body_size=4 * max_body_bytes + 1,
+            ident="stl10_keras.serve")
+        self._server.channel_class = _json_error_channel(max_body_bytes)
+        self._running = False
+        self._closing = False
+        listen = getattr(self._server, "effective_listen", None)
+        if not listen:
+            listen = [(self._server.effective_host, self._server.effective_port)]
+        self.host, self.port = listen[0]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def run(self) -> None:
+        """Serve until `close()` or Ctrl-C."""
+        self._running = True
+        try:
+            self._server.run()
+        except OSError:
+            # close() from another thread can close a socket while the loop's
+            # select() still holds its descriptor (EBADF); that is the shutdown
+            # asked for, not an error (webtest's StopableWSGIServer does the same).
+            if not self._closing:
+                raise
+        finally:
+            self._running = False
+
+    def close(self) -> None:
+        """Stop serving: close the sockets in the server's own loop, end the threads."""
+        from waitress import wasyncore
+
+        server = self._server
+        self._closing = True
+        sockets = getattr(server, "_map", None) or server.map
+        trigger = getattr(server, "trigger", None)
+        if trigger is not None and self._running:
+            trigger.pull_trigger(lambda: wasyncore.close_all(sockets))
+        else:
+            wasyncore.close_all(sockets)
+        server.task_dispatcher.shutdown()
