@@ -12,6 +12,14 @@ images, all in the same run:
     d  torchvision.transforms.v2 RandomHorizontalFlip + RandomAffine on a
        batch tensor (PyTorch peer; skipped when torch is not importable)
 
+FixMatch's strong view (docs/semi-supervised.md), same batches:
+
+    e  StrongAugment (2 ops + Cutout, fused) in `tf.function(jit_compile=True)`
+    e2 StrongAugment in tf.data
+    f  Keras' RandAugment (2 ops) + RandomErasing in tf.data
+    f2 the same in `tf.function(jit_compile=True)` (skipped with the reason
+       when XLA cannot compile it)
+
 Usage:
     python benchmarks/augment.py [--batches 6 --warmup 2 --repeats 2]
 """
@@ -71,6 +79,33 @@ def builtin_chain() -> keras.Sequential:
             ),
         ]
     )
+
+
+def strong_augment():
+    from stl10_keras.strong_augment import StrongAugment
+
+    return StrongAugment(num_ops=2, magnitude=1.0, cutout=0.5, seed=0)
+
+
+def keras_strong_chain() -> keras.Sequential:
+    import keras
+
+    # Keras' nearest equivalents: RandAugment's factor is its strength;
+    # RandomErasing cuts one rectangle of 2-33 % of the area (Cutout: 25 %).
+    return keras.Sequential([
+        keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=0),
+        keras.layers.RandomErasing(factor=1.0, value_range=(0, 255), seed=0),
+    ])
+
+
+def checked_jit_method(layer, batch: np.ndarray) -> Method | str:
+    """`jit_method`, or why XLA cannot compile the layer."""
+    method = jit_method(layer, batch)
+    try:
+        method(1, 0)
+    except Exception as err:  # XLA's refusals come as several error types
+        return f"skipped: no XLA ({type(err).__name__})"
+    return method
 
 
 # A method times itself: run(warmup, batches) -> seconds for the timed batches.
@@ -226,6 +261,12 @@ def main(argv: list[str] | None = None) -> None:
             "b RandomAffine, tf.function jit": jit_method(random_affine(), batch),
             REFERENCE: tf_data_method(builtin_chain(), batch),
             "d torchvision v2": torchvision_method(batch),
+            "e StrongAugment, tf.function jit": jit_method(strong_augment(), batch),
+            "e2 StrongAugment, tf.data": tf_data_method(strong_augment(), batch),
+            "f keras RandAugment+RandomErasing, tf.data": tf_data_method(
+                keras_strong_chain(), batch),
+            "f2 keras RandAugment+RandomErasing, jit": checked_jit_method(
+                keras_strong_chain(), batch),
         }
         rows.append(
             (bs, measure(methods, bs, args.batches, args.warmup, args.repeats))

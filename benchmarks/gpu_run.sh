@@ -7,9 +7,10 @@
 #   python -m pip install "jax[cuda12]==0.10.2"
 #   bash benchmarks/gpu_run.sh          # writes under $OUT (or /tmp/gpu_out)
 #
-# Phases run most important first, each under its own time limit (about 9 minutes
+# Phases run most important first, each under its own time limit (about 11 minutes
 # in all), so a slow compile costs the later phases, not the whole run. It writes
-# gpu_run.log, bf16.json, parts.json, trace.json, perfetto_trace.json.gz, f32.json.
+# gpu_run.log, bf16.json, parts.json, trace.json, perfetto_trace.json.gz, f32.json,
+# fixmatch.json.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -51,3 +52,6 @@ if [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -lt 16000000 ]; then
 fi
 # 4. float32 for the record (PyTorch eager only: compile time is spent above).
 phase 120 $BENCH --precisions float32 --torch-modes eager --json "$OUT/f32.json"
+# 5. The FixMatch step (--variant fixmatch, mu = 7) beside the supervised full step.
+phase 120 $BENCH --precisions mixed_bfloat16 --augment on,fixmatch --no-torch \
+  --json "$OUT/fixmatch.json"

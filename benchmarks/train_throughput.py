@@ -9,7 +9,11 @@ The data are synthetic uint8 96x96x3 batches placed on the device once, so no
 input pipeline is timed. Rows, in one run:
 
     keras  the full step (augment on) and the plain model (augment off), for
-           each batch size and precision (float32, mixed_bfloat16)
+           each batch size and precision (float32, mixed_bfloat16); with
+           `--augment ...,fixmatch` also the FixMatch step (`--variant
+           fixmatch`: the batch's labeled images plus `--fixmatch-ratio` (7)
+           times as many unlabeled ones, weak and strong views, one forward
+           pass over all of them, EMA); its images/s counts labeled images
     torch  the same network in PyTorch (3x3 conv with bias, BatchNorm2d, ReLU,
            MaxPool2d(2, ceil_mode=True), dropout, fc, fc), channels_last,
            SGD(momentum 0.5, weight_decay 5e-4), cross-entropy, bf16 through
@@ -111,6 +115,36 @@ def build_keras_training_model(config: Config, image_size: int,
     training_model = model_lib.build_training_model(model, augmentation)
     compile_training_model(training_model, config.train, steps_per_execution)
     return training_model
+
+
+def build_keras_fixmatch_model(config: Config, image_size: int,
+                               precision: str = "float32",
+                               steps_per_execution: int = 1) -> keras.Model:
+    """The FixMatch training model compiled as `stl10_keras.train.train` does."""
+    from stl10_keras.semisupervised import build_fixmatch_model
+
+    keras.mixed_precision.set_global_policy(precision)
+    np.random.seed(config.train.seed)
+    model = model_lib.build_model(config, (image_size, image_size, 3))
+    training_model = build_fixmatch_model(config, model)
+    compile_training_model(training_model, config.train, steps_per_execution,
+                           ema_decay=config.semi_supervised.ema_decay)
+    return training_model
+
+
+def fixmatch_runner(config: Config, args, precision: str, data,
+                    rng: np.random.Generator) -> Callable[[], float]:
+    """`keras_runner` for the FixMatch step; `data` is the labeled batch."""
+    images, labels = data
+    batch, s = int(images.shape[0]), args.image_size
+    unlabeled = to_device(rng.integers(0, 256, (args.fixmatch_ratio * batch, s, s, 3),
+                                       dtype=np.uint8))
+    truth = to_device(np.full(args.fixmatch_ratio * batch, -1, np.int32))
+    model = build_keras_fixmatch_model(config, s, precision, args.steps_per_execution)
+    x, y = (images, unlabeled), (labels, truth)
+    if args.warmup:
+        fit_round(model, x, y, args.warmup)
+    return lambda: fit_round(model, x, y, args.steps)
 
 
 def to_device(array: np.ndarray):
@@ -357,8 +391,10 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| framework | mode | batch | precision | augmentation | step (ms) "
              "| images/s | vs PyTorch eager |", "|---|---|---:|---|---|---:|---:|---:|"]
     for r in rows:
+        augmentation = {True: "RandomAffine", False: "none"}.get(
+            r["augment"], "FixMatch (weak + strong views)")
         head = (f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['precision']} | "
-                f"{'RandomAffine' if r['augment'] else 'none'} |")
+                f"{augmentation} |")
         if "skipped" in r:
             lines.append(f"{head} {r['skipped']} | | |")
             continue
@@ -601,7 +637,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precisions", default=",".join(PRECISIONS),
                    help="comma-separated: float32, mixed_bfloat16")
     p.add_argument("--augment", default="on,off",
-                   help="on (full step), off (plain model), or on,off")
+                   help="on (full step), off (plain model), fixmatch (the FixMatch "
+                        "step, Keras only), comma-separated (default on,off)")
+    p.add_argument("--fixmatch-ratio", type=int, default=7,
+                   help="fixmatch rows: unlabeled images per labeled one (mu)")
     p.add_argument("--steps", type=int, help="timed steps per round (default 20)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3)")
     p.add_argument("--rounds", type=int, help="timed rounds; median kept (default 3)")
@@ -637,13 +676,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.no_keras and (args.no_torch or not args.torch_modes) and not args.trace:
         p.error("--no-keras with --no-torch leaves nothing to time; drop one of them.")
     args.precision_list = args.precisions.split(",")
-    args.augment_list = [{"on": True, "off": False}.get(v)
+    args.augment_list = [{"on": True, "off": False, "fixmatch": "fixmatch"}.get(v)
                          for v in args.augment.split(",")]
     args.torch_mode_list = [] if args.no_torch else args.torch_modes.split(",")
     if any(v not in PRECISIONS for v in args.precision_list):
         p.error(f"--precisions takes {', '.join(PRECISIONS)}.")
     if None in args.augment_list:
-        p.error("--augment takes on, off or on,off.")
+        p.error("--augment takes on, off, fixmatch or a comma-separated list.")
+    if args.fixmatch_ratio < 1:
+        p.error("--fixmatch-ratio must be >= 1, e.g. FixMatch's 7.")
     if any(m not in TORCH_MODES for m in args.torch_mode_list):
         p.error("--torch-modes takes eager, compile or eager,compile.")
     if min(args.steps, args.rounds, args.steps_per_execution) < 1 or args.warmup < 0:
@@ -687,6 +728,12 @@ def main(argv: list[str] | None = None) -> dict:
                 data = (to_device(images_np), to_device(labels_np))
                 runners: dict[tuple, Any] = {}
                 for augment in args.augment_list:
+                    if augment == "fixmatch":
+                        if not args.no_keras:
+                            config = make_config(args.widths_tuple)
+                            runners["keras", keras_mode(), augment] = fixmatch_runner(
+                                config, args, precision, data, rng)
+                        continue  # no PyTorch peer of the FixMatch step
                     if not args.no_keras:
                         config = make_config(args.widths_tuple, augment=augment)
                         runners["keras", keras_mode(), augment] = keras_runner(

@@ -1,7 +1,8 @@
 """`python -m stl10_keras.ablation`: the lab's Table 1 and Figure 8.
 
-Trains the lab's four variants (baseline, +A, +A+Kmeans1, +A+Kmeans1&2) with
-everything else identical, N seeds each, one run directory per run:
+Trains the lab's four variants (baseline, +A, +A+Kmeans1, +A+Kmeans1&2; with
+`--variants all` also fixmatch, beyond the lab) with everything else
+identical, N seeds each, one run directory per run:
 
     DIR/VARIANT_sSEED/      an ordinary training run (see `stl10_keras.train`)
     DIR/ablation.json       per variant: mean, std, per-seed accuracies, wall time;
@@ -40,14 +41,31 @@ VARIANT_LABELS = {
     "augment": "+A",
     "kmeans1": "+A+Kmeans1",
     "kmeans12": "+A+Kmeans1&2",
+    "fixmatch": "+A+Kmeans1&2+FixMatch (beyond the lab)",
 }
 # The lab's Table 1: STL-10 validation accuracy (%), 4,000 train / 1,000 validation.
 LAB_VAL_ACCURACY_PCT = {"baseline": 71.4, "augment": 80.9, "kmeans1": 83.9,
                         "kmeans12": 84.4}
 # Config fields that are meant to differ between the variants (`apply_variant`).
-VARIANT_FIELDS = ("variant", "augment.enabled", "kmeans.stages")
+VARIANT_FIELDS = ("variant", "augment.enabled", "kmeans.stages",
+                  "semi_supervised.method")
 # train's flags that an ablation refuses: it trains every variant and seed.
-REFUSED_FLAGS = {"--variant", "--seed", "--augment", "--no-augment"}
+REFUSED_FLAGS = {"--variant", "--seed", "--augment", "--no-augment",
+                 "--semi-supervised"}
+
+
+def parse_variants(text: str) -> tuple[str, ...]:
+    """`--variants`: `all`, or comma-separated names; always in the table's order."""
+    names = cfg.ALL_VARIANTS if text.strip() == "all" else tuple(
+        t.strip() for t in text.split(",") if t.strip())
+    unknown = [n for n in names if n not in cfg.ALL_VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or names from {','.join(cfg.ALL_VARIANTS)}, got '{text}'")
+    if "baseline" not in names:
+        raise argparse.ArgumentTypeError(
+            "the table compares every variant with baseline; include baseline")
+    return tuple(v for v in cfg.ALL_VARIANTS if v in names)
 
 
 # --- command line ---------------------------------------------------------------
@@ -58,10 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stl10_keras.ablation",
         description="The lab's Table 1 and Figure 8: train the four variants "
-                    "(baseline, augment, kmeans1, kmeans12) with everything else "
+                    "(baseline, augment, kmeans1, kmeans12; --variants all adds "
+                    "fixmatch) with everything else "
                     "identical, N seeds each, and tabulate their accuracies. "
-                    "Every variant and seeds 0..N-1 are trained, so train's variant, "
-                    "seed and augmentation switches do not apply.",
+                    "Every variant of --variants and seeds 0..N-1 are trained, so "
+                    "train's variant, seed and augmentation switches do not apply.",
     )
     add_config_arguments(parser)
     # Shared with train but refused here (`plan_configs` says why): kept so the
@@ -70,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
         if set(action.option_strings) & REFUSED_FLAGS:
             action.help = argparse.SUPPRESS
     g = parser.add_argument_group("ablation")
+    g.add_argument("--variants", type=parse_variants, default=cfg.VARIANTS,
+                   help="the table's columns: comma-separated, or all (the lab's "
+                        "four + fixmatch); default the lab's four")
     g.add_argument("--seeds", type=int, default=3,
                    help="seeds per variant: 0..N-1 (default 3)")
     g.add_argument("--run-dir", default=None,
@@ -89,7 +111,8 @@ def plan_configs(args: argparse.Namespace) -> dict[tuple[str, int], Config]:
     if args.variant is not None:
         raise ConfigError(
             f"--variant {args.variant} does not apply to an ablation, which trains "
-            "all four variants; drop it (or use python -m stl10_keras.train)."
+            "every variant of --variants; drop it (or use python -m "
+            "stl10_keras.train)."
         )
     if args.seed is not None:
         raise ConfigError(
@@ -101,6 +124,10 @@ def plan_configs(args: argparse.Namespace) -> dict[tuple[str, int], Config]:
             "--augment/--no-augment do not apply to an ablation: the variant decides "
             "augmentation (off for baseline, on for the others); drop the flag."
         )
+    if args.semi_supervised is not None:
+        raise ConfigError(
+            "--semi-supervised does not apply to an ablation: the variant decides it "
+            "(fixmatch for --variants all); drop the flag.")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1.")
     from stl10_keras.cli import config_from_args
@@ -112,7 +139,7 @@ def plan_configs(args: argparse.Namespace) -> dict[tuple[str, int], Config]:
     base = config_from_args(base_args)
     plan = {}
     for seed in range(args.seeds):
-        for variant in cfg.VARIANTS:
+        for variant in args.variants:
             config = Config.from_dict(base.to_dict())
             config.variant = variant
             config.train.seed = seed
@@ -180,7 +207,7 @@ def check_existing_runs(
         path = ablation_dir / run_name(variant, seed) / "config.json"
         if not path.exists():
             continue
-        old = _flatten(_read_run_file(path))
+        old = _flatten(cfg.with_later_sections(_read_run_file(path), config))
         new = _flatten(json.loads(config.to_json()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
@@ -218,6 +245,8 @@ def summarize(
     base["train"].pop("seed")
     base["augment"].pop("enabled")
     base["kmeans"].pop("stages")
+    base["semi_supervised"].pop("method")
+    order = [v for v in cfg.ALL_VARIANTS if (v, seeds[0]) in plan]
     protocol = {
         "dataset": first.data.dataset,
         "data_source": data.get("source"),
@@ -231,7 +260,7 @@ def summarize(
         "std": "sample standard deviation over seeds (ddof=1); null for one seed",
         "seed_controls": "the train/validation split, weight init, augmentation "
                          "and k-means",
-        "variants": list(cfg.VARIANTS),  # the table's order (JSON keys are sorted)
+        "variants": order,  # the table's order (JSON keys are sorted)
         "differs_between_variants": list(VARIANT_FIELDS),
         "identical_config": base,
         "wall_seconds": "per run, from its metrics.json: data, k-means, training, "
@@ -239,7 +268,7 @@ def summarize(
     }
     variants: dict[str, Any] = {}
     baseline_val = [metrics[("baseline", s)]["val_accuracy"] for s in seeds]
-    for variant in cfg.VARIANTS:
+    for variant in order:
         runs = [metrics[(variant, s)] for s in seeds]
         val = [m["val_accuracy"] for m in runs]
         walls = [m["wall_seconds"] for m in runs]
@@ -252,8 +281,8 @@ def summarize(
                 [100.0 * (v - b) for v, b in zip(val, baseline_val)]),
             "wall_seconds": {**_stats(walls), "total": sum(walls)},
         }
-        if first.data.dataset == "stl10":
-            entry["lab_val_accuracy_pct"] = LAB_VAL_ACCURACY_PCT[variant]
+        if first.data.dataset == "stl10":  # None: beyond the lab
+            entry["lab_val_accuracy_pct"] = LAB_VAL_ACCURACY_PCT.get(variant)
         variants[variant] = entry
     return {"protocol": protocol, "variants": variants,
             "total_wall_seconds": sum(v["wall_seconds"]["total"]
@@ -291,7 +320,9 @@ def protocol_sentence(summary: dict) -> str:
             f"{s['test']:,} test images; preset {p['preset']}, "
             f"{_plural(p['epochs'], 'epoch')}, "
             f"widths {widths}, {seed_text}; the variants differ only in "
-            "augmentation and k-means initialisation.")
+            "augmentation and k-means initialisation"
+            + (" (and fixmatch in training on the unlabeled images too, "
+               "docs/semi-supervised.md)." if "fixmatch" in p["variants"] else "."))
 
 
 def render_markdown(summary: dict) -> str:
@@ -321,7 +352,8 @@ def render_markdown(summary: dict) -> str:
                           v["improvement_over_baseline_pct"])
         row = [f"{v['label']} (`{variant}`)"]
         if stl10:
-            row.append(f"{v['lab_val_accuracy_pct']:.1f}")
+            lab = v["lab_val_accuracy_pct"]
+            row.append("–" if lab is None else f"{lab:.1f}")
         row += [
             _mean_std(val),
             ", ".join(_pct(x) for x in val["per_seed"]),
@@ -354,7 +386,7 @@ def save_figure8(summary: dict, path: Path) -> None:
     from stl10_keras.visualize import figure_to_array, save_png
 
     p = summary["protocol"]
-    variants = [v for v in cfg.VARIANTS if v != "baseline"]
+    variants = [v for v in p["variants"] if v != "baseline"]
     entries = [summary["variants"][v] for v in variants]
     means = [e["improvement_over_baseline_pct"]["mean"] for e in entries]
     stds = [e["improvement_over_baseline_pct"]["std"] for e in entries]
@@ -373,11 +405,17 @@ def save_figure8(summary: dict, path: Path) -> None:
         ax.plot([x[i] + offset] * len(per_seed), per_seed, "o", ms=4, color="black",
                 zorder=3, label="single seeds" if i == 0 else None)
     if stl10:
-        lab = [LAB_VAL_ACCURACY_PCT[v] - LAB_VAL_ACCURACY_PCT["baseline"]
-               for v in variants]
-        ax.bar(x + width / 2, lab, width, color="#cc6677", label="lab (STL-10)")
+        lab = [(i, LAB_VAL_ACCURACY_PCT[v] - LAB_VAL_ACCURACY_PCT["baseline"])
+               for i, v in enumerate(variants) if v in LAB_VAL_ACCURACY_PCT]
+        ax.bar([x[i] + width / 2 for i, _ in lab], [d for _, d in lab], width,
+               color="#cc6677", label="lab (STL-10)")
     ax.axhline(0.0, color="gray", lw=0.8)
-    ax.set_xticks(x, [VARIANT_LABELS[v] for v in variants])
+    # Beyond the lab's table: its bar is hatched and its label says so.
+    for i, v in enumerate(variants):
+        if v not in LAB_VAL_ACCURACY_PCT:
+            ax.patches[i].set_hatch("//")
+    ax.set_xticks(x, [VARIANT_LABELS[v].replace(" (beyond", "\n(beyond")
+                      for v in variants], fontsize=8)
     ax.set_ylabel("validation accuracy over baseline (pp)")
     bars = "error bars: std over seeds" if has_std else "one seed: no error bars"
     ax.set_title(f"Figure 8: improvement over the baseline\n{p['dataset']}, "
@@ -400,7 +438,7 @@ def write_hparams(ablation_dir: Path, name: str, config: Config,
         with writer.as_default():
             hp.hparams_config(
                 hparams=[
-                    hp.HParam("variant", hp.Discrete(list(cfg.VARIANTS))),
+                    hp.HParam("variant", hp.Discrete(list(cfg.ALL_VARIANTS))),
                     hp.HParam("seed"),
                     hp.HParam("augment", hp.Discrete([False, True])),
                     hp.HParam("kmeans_stages", hp.Discrete(["none", "1", "1,2"])),
@@ -460,10 +498,11 @@ def run_ablation(
     total = len(plan)
     metrics: dict[tuple[str, int], dict] = {}
     index = 0
+    order = [v for v in cfg.ALL_VARIANTS if (v, seeds[0]) in plan]
     announced = False  # the device line, once for the whole ablation
     for seed in seeds:
         splits = None  # loaded once per seed, only if a run needs training
-        for variant in cfg.VARIANTS:
+        for variant in order:
             index += 1
             config = plan[(variant, seed)]
             name = run_name(variant, seed)
@@ -517,7 +556,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ablation_dir = Path(args.run_dir) if args.run_dir else \
             default_ablation_dir(first)
         check_output_dir(ablation_dir, "--run-dir")
-        print(f"ablation of {len(cfg.VARIANTS)} variants x "
+        print(f"ablation of {len(args.variants)} variants x "
               f"{_plural(args.seeds, 'seed')} on {first.data.dataset} ({first.preset} "
               f"preset, {_plural(first.train.epochs, 'epoch')}) in {ablation_dir}")
         summary = run_ablation(plan, ablation_dir, verbose=args.verbose)

@@ -50,8 +50,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         "tensorflow-datasets data dir")
     g.add_argument("--preset", choices=cfg.PRESETS, default=None,
                    help="default (trains), paper (the lab's lr 1.0) or smoke (tiny)")
-    g.add_argument("--variant", choices=cfg.VARIANTS, default=None,
-                   help="the lab's Table 1 column (default kmeans12)")
+    g.add_argument("--variant", choices=cfg.ALL_VARIANTS, default=None,
+                   help="the lab's Table 1 column (default kmeans12), or fixmatch "
+                        "(kmeans12 + FixMatch)")
     g.add_argument("--config", default=None,
                    help="a config.json to start from (e.g. RUN/config.json)")
     g.add_argument("--seed", type=int, default=None)
@@ -94,6 +95,24 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                    help="unlabeled images read for k-means")
     g.add_argument("--kmeans-patches-per-image", type=int, default=None)
     g.add_argument("--no-whiten", action="store_true", default=None)
+    g = parser.add_argument_group("semi-supervised (docs/semi-supervised.md)")
+    g.add_argument("--semi-supervised", choices=cfg.SEMI_SUPERVISED_METHODS,
+                   default=None,
+                   help="fixmatch: also train on the unlabeled images")
+    g.add_argument("--unlabeled-ratio", type=int, default=None,
+                   help="mu: unlabeled images per labeled image in a step")
+    g.add_argument("--confidence-threshold", type=float, default=None,
+                   help="tau: pseudo-labels count at this top probability")
+    g.add_argument("--unlabeled-weight", type=float, default=None,
+                   help="lambda: weight of the unlabeled loss")
+    g.add_argument("--strong-ops", type=int, default=None,
+                   help="RandAugment-style ops per strong view")
+    g.add_argument("--strong-magnitude", type=float, default=None,
+                   help="largest op strength, a fraction of each op's range")
+    g.add_argument("--cutout", type=float, default=None,
+                   help="Cutout square's side, a fraction of the image size")
+    g.add_argument("--ema-decay", type=float, default=None,
+                   help="decay of the weights' moving average used to evaluate")
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -110,6 +129,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         config.data.dataset = args.dataset
     d, t, m, a, k = (config.data, config.train, config.model, config.augment,
                      config.kmeans)
+    semi = config.semi_supervised
     overrides = [
         (d, "data_dir", args.data_dir), (d, "val_per_class", args.val_per_class),
         (t, "seed", args.seed), (t, "epochs", args.epochs),
@@ -124,6 +144,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
         (a, "max_translation", args.max_translation),
         (k, "patch_size", args.kmeans_patch_size), (k, "num_images", args.kmeans_images),
         (k, "patches_per_image", args.kmeans_patches_per_image),
+        (semi, "method", args.semi_supervised),
+        (semi, "unlabeled_ratio", args.unlabeled_ratio),
+        (semi, "confidence_threshold", args.confidence_threshold),
+        (semi, "unlabeled_weight", args.unlabeled_weight),
+        (semi, "strong_ops", args.strong_ops),
+        (semi, "strong_magnitude", args.strong_magnitude),
+        (semi, "cutout", args.cutout), (semi, "ema_decay", args.ema_decay),
     ]
     for section, name, value in overrides:
         if value is not None:

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DATASETS = ("stl10", "digits")
-VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")
+VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")  # the lab's Table 1
+# Beyond the lab: kmeans12 + FixMatch on the unlabeled images (docs/semi-supervised.md).
+ALL_VARIANTS = VARIANTS + ("fixmatch",)
+SEMI_SUPERVISED_METHODS = ("none", "fixmatch")
 PRESETS = ("default", "paper", "smoke")
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # RandomAffine's fill modes
 
@@ -157,6 +160,37 @@ class TrainConfig:
 
 
 @dataclass
+class SemiSupervisedConfig:
+    """Training on the unlabeled images too: FixMatch (Sohn et al., 2020).
+
+    Args:
+        method: `none` (labeled images only) or `fixmatch`.
+        unlabeled_ratio: `mu`, unlabeled images per labeled image in a step.
+        confidence_threshold: `tau`; a weak view's prediction becomes a
+            pseudo-label when its top probability is at least this.
+        unlabeled_weight: `lambda`, the weight of the unlabeled loss.
+        weak_translation: the weak view's largest shift, a fraction of the
+            size (with a flip when `augment.flip`).
+        strong_ops: RandAugment-style ops drawn per image for the strong view.
+        strong_magnitude: largest op strength, a fraction of each op's range;
+            each image draws its strength uniformly in `[0, strong_magnitude]`.
+        cutout: side of the strong view's Cutout square, a fraction of the size.
+        ema_decay: decay of the moving average of the weights used for
+            validation, test and export (keras' `use_ema`).
+    """
+
+    method: str = "none"
+    unlabeled_ratio: int = 7
+    confidence_threshold: float = 0.95
+    unlabeled_weight: float = 1.0
+    weak_translation: float = 0.125
+    strong_ops: int = 2
+    strong_magnitude: float = 1.0
+    cutout: float = 0.5
+    ema_decay: float = 0.999
+
+
+@dataclass
 class Config:
     """A whole run. `variant` decides augmentation and k-means stages."""
 
@@ -167,6 +201,7 @@ class Config:
     kmeans: KMeansConfig = field(default_factory=KMeansConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -219,7 +254,20 @@ _SECTIONS = {
     "kmeans": KMeansConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "semi_supervised": SemiSupervisedConfig,
 }
+
+
+def with_later_sections(d: Any, current: Config) -> Any:
+    """A config.json dict with the sections added since it was written, to be
+    compared with `current`: a run from before `semi_supervised` trained
+    without it, which is what `current` does when its method is `none`."""
+    if isinstance(d, dict) and "semi_supervised" not in d:
+        section = (current.semi_supervised
+                   if current.semi_supervised.method == "none"
+                   else SemiSupervisedConfig())
+        d = {**d, "semi_supervised": dataclasses.asdict(section)}
+    return d
 
 
 def _section_from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -274,11 +322,17 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
 
 
 def apply_variant(config: Config) -> None:
-    """Set augmentation and k-means stages from `config.variant` (lab's Table 1)."""
-    check_choice(config.variant, VARIANTS, "variant")
+    """Set augmentation, k-means stages and semi-supervision from `config.variant`.
+
+    The lab's four (Table 1) train on labeled images only; `fixmatch` is
+    `kmeans12` + FixMatch.
+    """
+    check_choice(config.variant, ALL_VARIANTS, "variant")
     config.augment.enabled = config.variant != "baseline"
     config.kmeans.stages = {"baseline": (), "augment": (), "kmeans1": (1,),
-                            "kmeans12": (1, 2)}[config.variant]
+                            "kmeans12": (1, 2), "fixmatch": (1, 2)}[config.variant]
+    config.semi_supervised.method = ("fixmatch" if config.variant == "fixmatch"
+                                     else "none")
 
 
 def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Config:
@@ -304,6 +358,9 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
         config.kmeans.num_images = 800  # of its 897 unlabeled images
         config.train.epochs = 15
         config.augment.flip = False
+        # 13 steps an epoch, ~200 a run: the average must forget in ~10 steps
+        # (0.99 still weighted the initial weights 0.14 at the end).
+        config.semi_supervised.ema_decay = 0.9
     if name == "paper":
         config.train.learning_rate = 1.0
     elif name == "smoke":
@@ -315,6 +372,8 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
         config.kmeans.max_iter = 10
         config.kmeans.batch_size = 256
         config.data.shuffle_buffer = 512
+        config.semi_supervised.unlabeled_ratio = 2
+        config.semi_supervised.ema_decay = 0.9
     apply_variant(config)
     validate(config)
     return config
@@ -325,7 +384,8 @@ def validate(config: Config) -> None:
     m, t, a, k, d = config.model, config.train, config.augment, config.kmeans, config.data
     check_choice(config.preset, PRESETS, "preset")
     check_choice(d.dataset, DATASETS, "dataset")
-    check_choice(config.variant, VARIANTS, "variant")
+    check_choice(config.variant, ALL_VARIANTS, "variant")
+    _validate_semi_supervised(config)
     if not m.widths or any(w < 1 for w in m.widths):
         raise ConfigError("--widths needs one positive filter count per stage, e.g. 64,128.")
     if len(m.convs_per_stage) != len(m.widths) or any(c < 1 for c in m.convs_per_stage):
@@ -394,3 +454,29 @@ def validate(config: Config) -> None:
             f"({m.kernel_size}) to initialise stage 1; set both, e.g. "
             "--kmeans-patch-size 7 --kernel-size 7."
         )
+
+
+def _validate_semi_supervised(config: Config) -> None:
+    s = config.semi_supervised
+    if s.method not in SEMI_SUPERVISED_METHODS:
+        raise ConfigError(f"--semi-supervised must be one of "
+                          f"{', '.join(SEMI_SUPERVISED_METHODS)}.")
+    if config.variant == "fixmatch" and s.method != "fixmatch":
+        raise ConfigError("--variant fixmatch trains with --semi-supervised fixmatch; "
+                          "drop --semi-supervised none or choose --variant kmeans12.")
+    if s.unlabeled_ratio < 1:
+        raise ConfigError("--unlabeled-ratio must be at least 1, e.g. FixMatch's 7.")
+    if not 0.0 < s.confidence_threshold <= 1.0:
+        raise ConfigError("--confidence-threshold must be in (0, 1], e.g. 0.95.")
+    if s.unlabeled_weight < 0:
+        raise ConfigError("--unlabeled-weight must be 0 or more, e.g. 1.")
+    if not 0.0 <= s.weak_translation < 1.0 or not 0.0 <= s.cutout < 1.0:
+        raise ConfigError("semi_supervised.weak_translation and --cutout must be in "
+                          "[0, 1) (fractions of the image size).")
+    if s.strong_ops < 0 or not 0.0 <= s.strong_magnitude <= 1.0:
+        raise ConfigError("--strong-ops must be 0 or more and --strong-magnitude in "
+                          "[0, 1].")
+    if not 0.0 <= s.ema_decay < 1.0:
+        raise ConfigError("--ema-decay must be in [0, 1), e.g. 0.999.")
+    if s.method == "fixmatch" and config.augment.on == "cpu":
+        raise ConfigError("FixMatch augments on the device; drop --augment-on cpu.")

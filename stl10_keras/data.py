@@ -65,6 +65,9 @@ class Splits:
         num_unlabeled: number of unlabeled images (None if unknown).
         source: where the data came from, for the run's records.
         val_indices: indices into the labeled set that form validation.
+        unlabeled_labels: the unlabeled images' true labels in stream order,
+            where the dataset knows them (digits); only FixMatch's
+            pseudo-label accuracy metric reads them. None otherwise.
     """
 
     name: str
@@ -80,6 +83,7 @@ class Splits:
     num_unlabeled: int | None
     source: str
     val_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    unlabeled_labels: np.ndarray | None = None
 
     def summary(self) -> dict:
         return {
@@ -223,11 +227,13 @@ def _load_digits(val_per_class: int, seed: int) -> Splits:
         for i in range(0, len(x_unlabeled), batch_size):
             yield x_unlabeled[i:i + batch_size]
 
-    return _finish(
+    splits = _finish(
         "digits", DIGITS_CLASS_NAMES, images[labeled], labels[labeled], images[test],
         labels[test], unlabeled_batches, len(x_unlabeled),
         "scikit-learn digits (8x8 upsampled to 32x32x3)", val_per_class, seed,
     )
+    splits.unlabeled_labels = labels[unlabeled].astype(np.int32)
+    return splits
 
 
 # --- STL-10 from the official binary files --------------------------------------

@@ -49,15 +49,19 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says what to change."""
 
 
-def optimizer(t: cfg.TrainConfig):
+def optimizer(t: cfg.TrainConfig, ema_decay: float | None = None):
+    """The lab's SGD; with `ema_decay`, it also keeps a moving average of the
+    weights (keras' `use_ema`), which evaluation and export use (FixMatch)."""
     import keras
 
     # Torch's optim.sgd learningRateDecay: lr_t = lr / (1 + decay * t).
     schedule = keras.optimizers.schedules.InverseTimeDecay(
         t.learning_rate, decay_steps=1, decay_rate=t.lr_decay
     )
+    ema = {} if ema_decay is None else {"use_ema": True, "ema_momentum": ema_decay}
     return keras.optimizers.SGD(
-        learning_rate=schedule, momentum=t.momentum, weight_decay=t.weight_decay
+        learning_rate=schedule, momentum=t.momentum, weight_decay=t.weight_decay,
+        **ema
     )
 
 
@@ -78,12 +82,13 @@ def jit_compile_setting():
 
 
 def compile_training_model(training_model, t: cfg.TrainConfig,
-                           steps_per_execution: int = 1) -> None:
+                           steps_per_execution: int = 1,
+                           ema_decay: float | None = None) -> None:
     """Compile the training model as every run does (benchmarks time this step)."""
     import keras
 
     training_model.compile(
-        optimizer=optimizer(t),
+        optimizer=optimizer(t, ema_decay),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile_setting(),
@@ -136,6 +141,7 @@ def train(
         # Before config.json is written: a run whose data is missing leaves no
         # run behind, so rerunning with a corrected --data-dir is not refused.
         splits = data_lib.load_splits_for(config)
+    _check_unlabeled(config, splits)
     run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.dir / "config.json", config.to_dict())
 
@@ -180,6 +186,9 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     from stl10_keras.distribute import check_batch_size
 
     check_batch_size(config.train.batch_size, dist.replicas)
+    if _fixmatch(config) and dist.mode != "none":
+        raise ConfigError("--semi-supervised fixmatch trains on one device; drop "
+                          "--distribution.")
     has_tf = runtime.tensorflow_installed()  # imported after the checks below
     if not has_tf and config.augment.enabled and config.augment.on == "cpu":
         raise ConfigError("--augment-on cpu runs in tf.data, and TensorFlow is not "
@@ -199,7 +208,7 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     config_path = run_dir / "config.json"
     # Checked before a finished run is reported: its results are not this config's.
     if config_path.exists():
-        previous = read_run_json(config_path)
+        previous = cfg.with_later_sections(read_run_json(config_path), config)
         if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "
@@ -234,10 +243,14 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
         kmeans_info = _kmeans_init(config, model, splits, run.dir, resuming,
                                    kmeans_result)
         dist.sync_weights(model)
-        if config.augment.enabled and config.augment.on == "device":
-            augmentation = _augmentation_layer(config, splits, run.dir)
-        training_model = build_training_model(model, augmentation)
-        compile_training_model(training_model, t)
+        if _fixmatch(config):
+            training_model = _fixmatch_model(config, model, splits, run.dir)
+        else:
+            if config.augment.enabled and config.augment.on == "device":
+                augmentation = _augmentation_layer(config, splits, run.dir)
+            training_model = build_training_model(model, augmentation)
+        ema_decay = config.semi_supervised.ema_decay if _fixmatch(config) else None
+        compile_training_model(training_model, t, ema_decay=ema_decay)
         # Kept when fit returns (keras deletes it by default, in
         # on_train_end): it is the last epoch's state until the final
         # weights are on disk (`_keep_final`).
@@ -250,10 +263,19 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
         # over at epoch 0's order). A finished backup still gets one epoch
         # for its length; keras trains none.
         stream = (min(first_epoch, t.epochs - 1), t.epochs)
-        train_ds = dist.shard_batches(data_lib.make_batches(
+        if _fixmatch(config):
+            from stl10_keras.unlabeled import fixmatch_batches
+
+            # Epoch e's unlabeled batches follow from e: resumed runs match.
+            train_ds = fixmatch_batches(
+                splits, t.batch_size, config.semi_supervised.unlabeled_ratio,
+                t.seed, stream)
+        else:
+            train_ds = dist.shard_batches(data_lib.make_batches(
             splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
-            shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn, epochs=stream,
-        ), len(splits.y_train), t.batch_size, epochs=stream[1] - stream[0])
+                shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
+                epochs=stream,
+            ), len(splits.y_train), t.batch_size, epochs=stream[1] - stream[0])
         steps_per_epoch = _stream_length(train_ds) // (stream[1] - stream[0])
         val_batch = 256 // dist.replicas * dist.replicas
         val_ds = dist.shard_batches(
@@ -266,6 +288,12 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
             keras.callbacks.CSVLogger(str(history_path), append=True),
             backup,
         ]
+        if ema_decay is not None:
+            # Validation with the averaged weights; fit ends by copying them
+            # into the model (finalize_variable_values), so test and export
+            # use them too. Not swap_on_epoch: the backup must hold the
+            # trained weights in the model and the average in the optimizer.
+            callbacks.insert(0, keras.callbacks.SwapEMAWeights())
         if run.has_tf:  # keras' TensorBoard callback writes with tf.summary
             callbacks.insert(
                 4, keras.callbacks.TensorBoard(log_dir=str(run.dir / "logs")))
@@ -353,6 +381,7 @@ def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
         "epochs": config.train.epochs,
         "resumed": fitted.resumed,
         "variant": config.variant,
+        "semi_supervised": config.semi_supervised.method,
         "kmeans_seconds": kmeans_info["kmeans_seconds"] if kmeans_info else None,
         "kmeans": kmeans_info["layers"] if kmeans_info else None,
         "data": splits.summary(),
@@ -541,6 +570,43 @@ def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
     atomic_write_json(info_path, info)
     centroids_figure(result, config, run_dir)
     return info
+
+
+def _fixmatch(config: Config) -> bool:
+    return config.semi_supervised.method == "fixmatch"
+
+
+def _check_unlabeled(config: Config, splits) -> None:
+    """FixMatch needs unlabeled images; say so before any run is written."""
+    if _fixmatch(config) and not splits.num_unlabeled:
+        raise ConfigError(
+            f"{splits.source} has no unlabeled images, which --semi-supervised "
+            "fixmatch trains on; add them (STL-10: unlabeled_X.bin) or choose "
+            "--variant kmeans12.")
+
+
+def _fixmatch_model(config: Config, model, splits, run_dir: Path):
+    """The FixMatch training model, after drawing its weak views as Figure 3."""
+    import numpy as np
+
+    from stl10_keras.semisupervised import build_fixmatch_model, weak_augmentation
+    from stl10_keras.visualize import augmentation_figure, save_augmentation_grid
+
+    figure_layer = weak_augmentation(config, seed=config.train.seed)
+    if figure_layer is not None:
+        augmentation_figure(figure_layer, splits.x_train, run_dir)
+    known = getattr(splits, "unlabeled_labels", None) is not None
+    training_model = build_fixmatch_model(config, model,
+                                          track_pseudo_label_accuracy=known)
+    # The strong views beside their originals; a copy of the layer draws
+    # them, so the run's own draws are not moved on.
+    strong = training_model.strong.__class__.from_config(
+        training_model.strong.get_config())
+    originals = splits.x_train[:36]
+    views = np.clip(np.asarray(strong(originals, training=True)), 0, 255)
+    save_augmentation_grid(originals, views.astype("uint8"),
+                           str(run_dir / "figures" / "strong_augmentation.png"))
+    return training_model
 
 
 def _augmentation_layer(config: Config, splits, run_dir: Path):

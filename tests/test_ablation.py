@@ -311,3 +311,51 @@ def test_stl10_table_has_the_labs_column_and_honest_statistics(tmp_path):
     assert "30 epochs" in table and "seeds 0–2 (3 per variant)" in table
     ablation.save_figure8(summary, tmp_path / "figure8.png")
     assert (tmp_path / "figure8.png").stat().st_size > 5000
+
+
+def test_variants_all_adds_fixmatch_beyond_the_labs_table(tmp_path):
+    from stl10_keras.config import ALL_VARIANTS
+
+    args = ablation.build_parser().parse_args(["--dataset", "stl10", "--seeds", "2",
+                                               "--variants", "all"])
+    plan = ablation.plan_configs(args)
+    assert sorted({v for v, _ in plan}) == sorted(ALL_VARIANTS)
+    fixmatch = plan[("fixmatch", 0)]
+    assert fixmatch.semi_supervised.method == "fixmatch"
+    assert fixmatch.kmeans.stages == (1, 2) and fixmatch.augment.enabled
+    assert all(plan[(v, 0)].semi_supervised.method == "none" for v in VARIANTS)
+    rng = np.random.default_rng(1)
+    data = {"dataset": "stl10", "source": "test", "image_shape": [96, 96, 3],
+            "train": 4000, "validation": 1000, "test": 8000, "unlabeled": 100000}
+    metrics = {key: {"val_accuracy": float(rng.integers(600, 900)) / 1000,
+                     "test_accuracy": float(rng.integers(4800, 7200)) / 8000,
+                     "wall_seconds": 1.0, "data": data} for key in plan}
+    summary = ablation.summarize(metrics, plan, tmp_path)
+    assert summary["protocol"]["variants"] == list(ALL_VARIANTS)
+    entry = summary["variants"]["fixmatch"]
+    assert entry["lab_val_accuracy_pct"] is None
+    gains = [100 * (metrics[("fixmatch", s)]["val_accuracy"]
+                    - metrics[("baseline", s)]["val_accuracy"]) for s in (0, 1)]
+    assert entry["improvement_over_baseline_pct"]["per_seed"] == pytest.approx(gains)
+    table = ablation.render_markdown(summary)
+    row = next(line for line in table.splitlines() if "`fixmatch`" in line)
+    assert "beyond the lab" in row and row.split("|")[2].strip() == "–"
+    assert "training on the unlabeled images too" in table
+    ablation.save_figure8(summary, tmp_path / "figure8.png")
+    assert (tmp_path / "figure8.png").stat().st_size > 5000
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--variants", "augment,kmeans1"], "include baseline"),
+    (["--variants", "mixmatch"], "expected 'all' or names"),
+])
+def test_bad_variants_are_one_argparse_line(flags, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ablation.main(["--dataset", "digits", *flags, "--run-dir", str(tmp_path)])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+def test_semi_supervised_flag_does_not_apply_to_an_ablation(tmp_path, capsys):
+    code = ablation.main(["--dataset", "digits", "--semi-supervised", "fixmatch",
+                          "--run-dir", str(tmp_path)])
+    assert code == 2 and "--variants all" in capsys.readouterr().err
