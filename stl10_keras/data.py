@@ -1,4 +1,5 @@
-"""Datasets: STL-10 (tensorflow-datasets or a local `stl10_binary`) and digits.
+"""Datasets: STL-10 (tensorflow-datasets or a local `stl10_binary`), digits,
+Fashion-MNIST and image folders (`stl10_keras.sources`).
 
 Every dataset is returned as a `Splits`: labeled train / validation / test as
 uint8 arrays (STL-10's labeled 5,000 and test 8,000 images are 0.36 GB as
@@ -42,6 +43,22 @@ DIGITS_LABELED_PER_CLASS = 60
 DEFAULT_VAL_PER_CLASS = {"stl10": 100, "digits": 20}
 
 
+def default_val_per_class(dataset: str, labeled_per_class: int | None = None) -> int | None:
+    """Validation images per class when `--val-per-class` is not given.
+
+    STL-10 and digits hold out fixed counts; Fashion-MNIST a fifth of its
+    labeled images per class (STL-10's 100 of 500); a folder a fifth of its
+    smallest class (None here: only the files say how many there are).
+    """
+    if dataset in DEFAULT_VAL_PER_CLASS:
+        return DEFAULT_VAL_PER_CLASS[dataset]
+    if dataset == "fashion_mnist":
+        from stl10_keras.sources.fashion_mnist import DEFAULT_LABELED_PER_CLASS
+
+        return max(1, (labeled_per_class or DEFAULT_LABELED_PER_CLASS) // 5)
+    return None
+
+
 class DataUnavailableError(RuntimeError):
     """The dataset cannot be found or read; the message says what to do."""
 
@@ -54,7 +71,7 @@ class Splits:
     """A dataset's four splits.
 
     Attributes:
-        name: `stl10` or `digits`.
+        name: `stl10`, `digits`, `fashion_mnist` or `folder`.
         class_names: the class names, index = label.
         image_shape: `(H, W, C)`.
         x_train, y_train: labeled training images (uint8 NHWC) and labels (int32).
@@ -85,6 +102,7 @@ class Splits:
         return {
             "dataset": self.name,
             "source": self.source,
+            "class_names": list(self.class_names),
             "image_shape": list(self.image_shape),
             "train": int(len(self.y_train)),
             "validation": int(len(self.y_val)),
@@ -127,18 +145,27 @@ def load_splits(
     val_per_class: int | None = None,
     seed: int = 0,
     download: bool = True,
+    labeled_per_class: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
 ) -> Splits:
     """Load a dataset's splits.
 
     Args:
-        dataset: `stl10` or `digits`.
+        dataset: `stl10`, `digits`, `fashion_mnist` or `folder`.
         data_dir: for STL-10, a folder holding `stl10_binary/` (or the folder
             itself) or `stl10_binary.tar.gz`, else a tensorflow-datasets data
-            dir. Ignored for digits.
+            dir; for Fashion-MNIST the folder of its four IDX files (or a
+            tensorflow-datasets data dir); for `folder` the image folder
+            (`train/CLASS/*`, optional `test/`, `unlabeled/`). Ignored for digits.
         val_per_class: labeled images per class held out for validation
-            (None: 100 for STL-10, 20 for digits).
-        seed: seeds the train/validation split.
-        download: allow tensorflow-datasets to download STL-10.
+            (None: `default_val_per_class`).
+        seed: seeds the train/validation split (and Fashion-MNIST's draw of
+            its labeled images).
+        download: allow tensorflow-datasets to download STL-10 / Fashion-MNIST.
+        labeled_per_class: Fashion-MNIST's labeled images per class (None: 500).
+        image_size: `(H, W)` to resize every image to (None: as stored).
+        channels: 1 or 3 to convert every image to (None: as stored).
 
     Returns:
         A `Splits`.
@@ -146,16 +173,34 @@ def load_splits(
     Raises:
         DataUnavailableError: the data is neither on disk nor downloadable.
     """
+    if dataset == "folder":
+        from stl10_keras.sources import folder
+
+        splits = folder.load(data_dir, val_per_class, seed, image_size, channels)
+        return splits
     if val_per_class is None:
-        val_per_class = DEFAULT_VAL_PER_CLASS[dataset]
+        val_per_class = default_val_per_class(dataset, labeled_per_class)
     if dataset == "digits":
-        return _load_digits(val_per_class, seed)
-    if dataset != "stl10":
-        raise DataUnavailableError(f"Unknown dataset '{dataset}'; use stl10 or digits.")
-    folder = find_stl10_binary(data_dir) if data_dir else None
-    if folder is not None:
-        return _load_stl10_binary(folder, val_per_class, seed)
-    return _load_stl10_tfds(data_dir, val_per_class, seed, download)
+        splits = _load_digits(val_per_class, seed)
+    elif dataset == "fashion_mnist":
+        from stl10_keras.sources import fashion_mnist
+
+        splits = fashion_mnist.load(data_dir, labeled_per_class, val_per_class, seed,
+                                    download)
+    elif dataset != "stl10":
+        raise DataUnavailableError(
+            f"Unknown dataset '{dataset}'; use stl10, digits, fashion_mnist or folder.")
+    else:
+        stl10_folder = find_stl10_binary(data_dir) if data_dir else None
+        if stl10_folder is not None:
+            splits = _load_stl10_binary(stl10_folder, val_per_class, seed)
+        else:
+            splits = _load_stl10_tfds(data_dir, val_per_class, seed, download)
+    if image_size is not None or channels is not None:
+        from stl10_keras.sources.images import conform_splits
+
+        splits = conform_splits(splits, image_size, channels)
+    return splits
 
 
 def load_splits_for(config, seed: int | None = None) -> Splits:
@@ -167,11 +212,14 @@ def load_splits_for(config, seed: int | None = None) -> Splits:
     """
     d = config.data
     return load_splits(d.dataset, d.data_dir, d.val_per_class,
-                       config.train.seed if seed is None else seed, d.download)
+                       config.train.seed if seed is None else seed, d.download,
+                       labeled_per_class=d.labeled_per_class,
+                       image_size=d.image_size, channels=d.channels)
 
 
-def _finish(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled, source,
-            val_per_class, seed) -> Splits:
+def finish_splits(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled,
+                  source, val_per_class, seed) -> Splits:
+    """A `Splits` from a labeled set, split into train / validation by `seed`."""
     train_idx, val_idx = stratified_split(y, val_per_class, seed)
     return Splits(
         name=name,
@@ -223,7 +271,7 @@ def _load_digits(val_per_class: int, seed: int) -> Splits:
         for i in range(0, len(x_unlabeled), batch_size):
             yield x_unlabeled[i:i + batch_size]
 
-    return _finish(
+    return finish_splits(
         "digits", DIGITS_CLASS_NAMES, images[labeled], labels[labeled], images[test],
         labels[test], unlabeled_batches, len(x_unlabeled),
         "scikit-learn digits (8x8 upsampled to 32x32x3)", val_per_class, seed,
@@ -353,7 +401,7 @@ def _load_stl10_binary(folder: Path, val_per_class: int, seed: int) -> Splits:
         for i in range(0, len(mm), batch_size):
             yield np.ascontiguousarray(mm[i:i + batch_size].transpose(0, 3, 2, 1))
 
-    return _finish("stl10", class_names, x, y, x_test, y_test, unlabeled_batches,
+    return finish_splits("stl10", class_names, x, y, x_test, y_test, unlabeled_batches,
                    num_unlabeled, f"stl10_binary folder {folder}", val_per_class, seed)
 
 
@@ -368,7 +416,7 @@ def offline_message(data_dir: str | None) -> str:
     )
 
 
-def _host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
+def host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
     # tensorflow-datasets retries a failed download for minutes; a quick
     # connection check lets an offline user get the clear message at once.
     try:
@@ -393,7 +441,7 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
         prepared = builder.is_prepared()
     finally:
         absl_logger.setLevel(level)
-    if not prepared and (not download or not _host_reachable(STL10_URL_HOST)):
+    if not prepared and (not download or not host_reachable(STL10_URL_HOST)):
         raise DataUnavailableError(offline_message(data_dir))
     tensorflow_available()  # loads it quietly, before tfds does
     if not prepared:
@@ -424,7 +472,7 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
         for images, _ in tfds.as_numpy(ds.batch(batch_size)):
             yield images.astype(np.uint8)
 
-    return _finish("stl10", STL10_CLASS_NAMES, x, y, x_test, y_test,
+    return finish_splits("stl10", STL10_CLASS_NAMES, x, y, x_test, y_test,
                    unlabeled_batches, num_unlabeled or None, "tensorflow-datasets stl10",
                    val_per_class, seed)
 
