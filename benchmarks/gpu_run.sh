@@ -1,24 +1,19 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue 10, as one command for the device machine (README,
-# "Throughput"): Keras under JAX with CUDA vs PyTorch, the parts of the step, and a
-# device trace of the full step. The machine has jax, torch and scikit-learn but
-# neither keras nor TensorFlow: keras, namex and optree travel as wheels in .whl/.
+# The GPU measurement (docs/performance.md, "On a GPU"): Keras under JAX with CUDA vs
+# PyTorch, the parts of the step, and a device trace of the full step. Run it from the
+# repository root in an environment with the project's requirements and JAX with CUDA:
 #
+#   python -m pip install -r requirements.txt -r requirements-dev.txt
+#   python -m pip install "jax[cuda12]==0.10.2"
 #   bash benchmarks/gpu_run.sh          # writes under $OUT (or /tmp/gpu_out)
 #
 # Phases run most important first, each under its own time limit (about 9 minutes
-# in all), so a slow compile costs the later phases, not the whole run. At most 6
-# files come back: gpu_run.log, bf16.json, parts.json, trace.json,
-# perfetto_trace.json.gz, f32.json.
+# in all), so a slow compile costs the later phases, not the whole run. It writes
+# gpu_run.log, bf16.json, parts.json, trace.json, perfetto_trace.json.gz, f32.json.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 LOG=$OUT/gpu_run.log
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 export KERAS_BACKEND=jax PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 # JAX takes 75% of the GPU's memory at start by default; leave room for PyTorch.
 export XLA_PYTHON_CLIENT_MEM_FRACTION=0.45

@@ -633,7 +633,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--widths and --batch-sizes take integers separated by commas.")
     if min(args.widths_tuple + tuple(args.batch_list)) < 1 or args.image_size < 1:
         p.error("--widths, --batch-sizes and --image-size must be >= 1.")
-    if args.no_keras and (args.no_torch or not args.torch_modes):
+    # --trace profiles a Keras step of its own, whatever --no-keras says.
+    if args.no_keras and (args.no_torch or not args.torch_modes) and not args.trace:
         p.error("--no-keras with --no-torch leaves nothing to time; drop one of them.")
     args.precision_list = args.precisions.split(",")
     args.augment_list = [{"on": True, "off": False}.get(v)

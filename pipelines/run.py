@@ -13,17 +13,13 @@ flag, 130 when interrupted.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Sequence
 
-# 3, not 2: also hides C++ errors TensorFlow logs for a machine without CUDA
-# ("failed call to cuInit"); a user who sets it lower sees them again.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from stl10_keras.config import ConfigError  # noqa: E402
-from stl10_keras.train import (  # noqa: E402
+from stl10_keras import runtime
+from stl10_keras.config import ConfigError
+from stl10_keras.cli import (
     add_config_arguments,
     config_from_args,
     default_run_name,
@@ -60,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    runtime.start()
     args = build_parser().parse_args(argv)
-    from stl10_keras.data import DataUnavailableError, tensorflow_available
+    from stl10_keras.data import DataUnavailableError
 
     try:
         config = config_from_args(args)
@@ -79,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"Pipeline '{pipeline.name}': {config.data.dataset}, variant "
               f"{config.variant}, preset {config.preset}; root {pipeline.root}, "
               f"serving dir {pipeline.serving_dir}", flush=True)
-        tensorflow_available()  # loads it quietly, before the components do
+        runtime.tensorflow_available()  # loads it quietly, before the components do
         result = run_pipeline(pipeline)
     except (ConfigError, DataUnavailableError) as e:
         print(f"error: {e}", file=sys.stderr)

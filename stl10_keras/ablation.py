@@ -25,13 +25,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-# 3, not 2: also hides C++ errors TensorFlow logs for a machine without CUDA
-# ("failed call to cuInit"); a user who sets it lower sees them again.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from stl10_keras import config as cfg  # noqa: E402
-from stl10_keras.config import Config, ConfigError  # noqa: E402
-from stl10_keras.io_utils import (  # noqa: E402
+from stl10_keras import config as cfg
+from stl10_keras import runtime
+from stl10_keras.config import Config, ConfigError
+from stl10_keras.io_utils import (
     atomic_write_json,
     atomic_write_text,
     import_tensorflow,
@@ -53,7 +50,7 @@ VARIANT_FIELDS = ("variant", "augment.enabled", "kmeans.stages")
 # --- command line ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from stl10_keras.train import add_config_arguments
+    from stl10_keras.cli import add_config_arguments
 
     parser = argparse.ArgumentParser(
         prog="python -m stl10_keras.ablation",
@@ -98,7 +95,7 @@ def plan_configs(args: argparse.Namespace) -> dict[tuple[str, int], Config]:
         )
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1.")
-    from stl10_keras.train import config_from_args
+    from stl10_keras.cli import config_from_args
 
     # Resolve the flags on the baseline, which any valid model can train; each
     # variant is then checked on its own, so an error names the variant.
@@ -474,10 +471,7 @@ def run_ablation(
                     from stl10_keras import data as data_lib
 
                     splits = data_lib.load_splits_for(config, seed)
-                from stl10_keras.data import tensorflow_available
-
-                tensorflow_available()  # loads it quietly, before keras does
-                import keras
+                keras = runtime.load_keras()
 
                 from stl10_keras.train import train
 
@@ -499,6 +493,7 @@ def run_ablation(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    runtime.start()
     parser = build_parser()
     args = parser.parse_args(argv)
     from stl10_keras.data import DataUnavailableError

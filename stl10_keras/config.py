@@ -298,7 +298,7 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
     Args:
         name: `paper` (the lab's values exactly: SGD lr 1.0), `default` (the
             lab's values with a learning rate that trains in Keras, see
-            README), or `smoke` (tiny widths, 1 epoch, small k-means; tests).
+            docs/training.md), or `smoke` (tiny widths, 1 epoch, small k-means; tests).
         dataset: one of `DATASETS`.
         variant: one of `VARIANTS`.
 

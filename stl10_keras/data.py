@@ -13,8 +13,6 @@ same uint8 batches from numpy (`NumpyBatches`), for a JAX-only install.
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
 import math
 import os
@@ -26,6 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
+
+from stl10_keras import runtime
 
 STL10_CLASS_NAMES = (
     "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
@@ -443,7 +443,7 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
         absl_logger.setLevel(level)
     if not prepared and (not download or not host_reachable(STL10_URL_HOST)):
         raise DataUnavailableError(offline_message(data_dir))
-    tensorflow_available()  # loads it quietly, before tfds does
+    runtime.tensorflow_available()  # loads it quietly, before tfds does
     if not prepared:
         try:
             builder.download_and_prepare()
@@ -577,32 +577,6 @@ def _epoch_stream(images, labels, batch_size, shuffle, seed, drop_remainder, epo
 
 # --- numpy batches (no TensorFlow) ----------------------------------------------
 
-def tensorflow_available() -> bool:
-    """Whether TensorFlow can be imported (it is optional under the JAX backend).
-
-    Imports it, with `io_utils.import_tensorflow` (its start-up logs filtered).
-    """
-    from stl10_keras.io_utils import import_tensorflow
-
-    try:
-        import_tensorflow()
-    except ImportError:
-        return False
-    return True
-
-
-def tensorflow_installed() -> bool:
-    """Whether TensorFlow is installed, without importing it (seconds faster).
-
-    An import hook that refuses it (`find_spec` raising ImportError) counts as
-    not installed, as it does for `tensorflow_available`.
-    """
-    try:
-        return importlib.util.find_spec("tensorflow") is not None
-    except (ImportError, ValueError):
-        return False
-
-
 def numpy_batches(images, labels, batch_size, shuffle=False, seed=0, epochs=None):
     """A `NumpyBatches` (a factory: keras is imported only when it is called)."""
     import keras
@@ -679,7 +653,7 @@ def make_batches(
         `fit` takes either.
     """
     if use_tensorflow is None:
-        use_tensorflow = tensorflow_available()
+        use_tensorflow = runtime.tensorflow_available()
     if use_tensorflow:
         return make_dataset(images, labels, batch_size, shuffle=shuffle, seed=seed,
                             shuffle_buffer=shuffle_buffer, map_fn=map_fn,

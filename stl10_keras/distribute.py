@@ -14,7 +14,7 @@ The rule for batch and learning rate: `--batch-size` is the *global* batch;
 each replica gets `batch_size / replicas` images of every batch and the
 learning rate is unchanged, so a run over R replicas computes the same updates
 as one device with the same batch (up to the batch-norm statistics under
-`mirrored`, which are per replica; see README). The batch must divide by R.
+`mirrored`, which are per replica; see docs/scale-out.md). The batch must divide by R.
 
 `tf.distribute.MultiWorkerMirroredStrategy` is not offered: with Keras 3 `fit`
 it fails (keras-team/keras#20585); multi-host training uses the JAX path.

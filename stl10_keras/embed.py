@@ -36,12 +36,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# 3, not 2: also hides C++ errors TensorFlow logs for a machine without CUDA
-# ("failed call to cuInit"); a user who sets it lower sees them again.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-
-from stl10_keras.config import Config, ConfigError  # noqa: E402
-from stl10_keras.io_utils import atomic_write_json, import_tensorflow  # noqa: E402
+from stl10_keras import runtime
+from stl10_keras.config import Config, ConfigError
+from stl10_keras.io_utils import atomic_write_json, import_tensorflow
 
 SPLITS = ("test", "validation", "train")
 POOLS = ("flatten", "avg")
@@ -660,7 +657,7 @@ def embed(
             f"({len(labels)}); lower it or raise --max-points."
         )
 
-    data_lib.tensorflow_available()  # loads it quietly, before keras does
+    runtime.load_keras()
     from stl10_keras.model import load_model, stage_output_names
 
     try:
@@ -685,7 +682,8 @@ def embed(
     from tqdm import tqdm
 
     # t-SNE's OpenMP threads meet at a barrier every iteration; on a 2-core CPU
-    # that other processes kept busy, one thread ran this 3x faster (README).
+    # that other processes kept busy, one thread ran this 3x faster
+    # (docs/embeddings.md).
     limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
     with limit:
         for name in tqdm(names, desc="kNN" + (" + t-SNE" if tsne else ""),
@@ -771,6 +769,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    runtime.start()
     args = build_parser().parse_args(argv)
     try:
         result = embed(args.run_dir, args.split, args.layers, args.max_points,

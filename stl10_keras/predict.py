@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from stl10_keras import runtime
 from stl10_keras.export import (BYTES_SIGNATURE, CLASS_NAMES_FILE, IMAGE_BYTES_INPUT,
                                 check_encoded_image, decode_image_bytes, list_versions)
 
@@ -130,7 +131,7 @@ def format_top_k(probabilities: np.ndarray, top_name: str, names: list[str] | No
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # before TensorFlow loads
+    runtime.start()  # before TensorFlow loads
     try:
         path = resolve_version(args.model, args.version)
         classify, names = load_classifier(path)

@@ -7,6 +7,7 @@ as an RGB uint8 array, so the caller can also log it to TensorBoard.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -238,3 +239,51 @@ def _kmeans_mosaic(tiles: np.ndarray) -> np.ndarray:
         mosaic[1 + r * (kh + 1):1 + r * (kh + 1) + kh,
                1 + c * (kw + 1):1 + c * (kw + 1) + kw] = scaled[i]
     return mosaic
+
+
+# --- a training run's figures (PNG in RUN/figures/, also in TensorBoard) -------
+
+def log_image(log_dir: Path, tag: str, image) -> None:
+    """Write one RGB uint8 image to TensorBoard (Images tab); needs TensorFlow."""
+    from stl10_keras import runtime
+
+    if not runtime.tensorflow_available():
+        return  # the PNG in figures/ is still written
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(str(log_dir / "images"))
+    with writer.as_default():
+        tf.summary.image(tag, image[None], step=0)
+    writer.close()
+
+
+def centroids_figure(result: dict, config, run_dir: Path) -> None:
+    """Figure 1: the stage-1 k-means centroids as small images."""
+    centroids = result["centroids"].get("stage1_conv")
+    if centroids is None:
+        return
+    k = config.kmeans.patch_size
+    image = save_centroid_grid(
+        centroids, k, centroids.shape[1] // (k * k),
+        str(run_dir / "figures" / f"kmeans_centroids_{k}x{k}.png"),
+    )
+    log_image(run_dir / "logs", f"figure1_kmeans_centroids_{k}x{k}", image)
+
+
+def augmentation_figure(layer, images, run_dir: Path) -> None:
+    """Figure 3: originals beside their augmented versions."""
+    originals = images[:36]
+    augmented = layer(originals.astype("float32"), training=True)
+    augmented = np.clip(np.asarray(augmented), 0, 255).astype("uint8")
+    image = save_augmentation_grid(originals, augmented,
+                                   str(run_dir / "figures" / "augmentation.png"))
+    log_image(run_dir / "logs", "figure3_augmentation", image)
+
+
+def filters_figure(model, run_dir: Path) -> None:
+    """Figure 2: the first layer's filters after training."""
+    import keras
+
+    kernel = keras.ops.convert_to_numpy(model.get_layer("stage1_conv").kernel)
+    image = save_filter_grid(kernel, str(run_dir / "figures" / "filters_stage1.png"))
+    log_image(run_dir / "logs", "figure2_filters_stage1", image)

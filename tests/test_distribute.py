@@ -92,7 +92,7 @@ def test_devices_flag_parses_counts_and_names():
 ])
 def test_cli_refuses_bad_distribution_flags_with_exit_code_2(flags, needle, capsys,
                                                              tmp_path):
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     # The test process runs the TensorFlow backend (conftest); all three are
     # refused before any device is set up, so running main here is safe.
@@ -187,7 +187,8 @@ def test_numpy_batches_cover_every_image_once_per_epoch_in_a_new_order():
 _COMPARE = """
     import json, sys
     from stl10_keras import distribute
-    from stl10_keras.train import build_parser, config_from_args, train
+    from stl10_keras.cli import build_train_parser as build_parser, config_from_args
+    from stl10_keras.train import train
     from stl10_keras.data import load_splits
     out, mode, devices, flags = sys.argv[1], sys.argv[2], sys.argv[3] or None, sys.argv[4:]
     dist = distribute.setup(distribute.DistributionOptions(mode, devices))
@@ -307,14 +308,15 @@ def test_two_process_jax_run_on_loopback(tmp_path):
 ])
 def test_without_tensorflow_what_needs_it_is_refused_up_front(flags, needle,
                                                               monkeypatch, tmp_path):
-    from stl10_keras import data
-    from stl10_keras.train import build_parser, config_from_args, train
+    from stl10_keras import runtime
+    from stl10_keras.cli import build_train_parser, config_from_args
+    from stl10_keras.train import train
 
     # train asks whether TensorFlow is installed before importing it.
-    monkeypatch.setattr(data, "tensorflow_installed", lambda: False)
-    monkeypatch.setattr(data, "tensorflow_available", lambda: False)
-    args = build_parser().parse_args(["--dataset", "digits", "--preset", "smoke",
-                                      *flags])
+    monkeypatch.setattr(runtime, "tensorflow_installed", lambda: False)
+    monkeypatch.setattr(runtime, "tensorflow_available", lambda: False)
+    args = build_train_parser().parse_args(["--dataset", "digits", "--preset",
+                                            "smoke", *flags])
     export_dir = None if args.no_export else tmp_path / "export"
     with pytest.raises(ConfigError, match=needle.replace("-", r"\-")):
         train(config_from_args(args), tmp_path / "run", export_dir)

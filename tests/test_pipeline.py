@@ -236,7 +236,7 @@ def test_the_python_api_with_a_whole_number_threshold_is_the_same_run(first, dir
     # `accuracy_threshold=0` is the CLI's `--accuracy-threshold 0` (0.0): same run.
     from pipelines.pipeline import create_pipeline, run_pipeline
     from pipelines.run import build_parser
-    from stl10_keras.train import config_from_args
+    from stl10_keras.cli import config_from_args
 
     config = config_from_args(build_parser().parse_args(FLAGS))
     pipeline = create_pipeline(config, dirs["root"], dirs["serving"],

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from stl10_keras.config import Config, ConfigError, preset
-from stl10_keras.train import build_parser, config_from_args
+from stl10_keras.cli import build_train_parser as build_parser, config_from_args
 
 
 def _cli(*args, timeout=600):
@@ -177,7 +177,7 @@ def _fake_finished_run(run, config):
 
 def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, capsys):
     # It used to print the finished run's results as if they were this config's.
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     run = tmp_path / "run"
     _fake_finished_run(run, preset("smoke", "digits"))
@@ -199,7 +199,7 @@ def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, ca
 
 @pytest.mark.parametrize("name", ["config.json", "metrics.json"])
 def test_a_corrupted_run_file_is_one_sentence(tmp_path, capsys, name):
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     run = tmp_path / "run"
     _fake_finished_run(run, preset("smoke", "digits"))
@@ -215,7 +215,7 @@ def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
         tmp_path, capsys):
     # The offline error tells the user to pass --data-dir DIR; doing so into the
     # same run dir used to be refused as "a run with a different config".
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     run = tmp_path / "run"
     flags = ["--preset", "smoke", "--no-download", "--no-export", "--run-dir", str(run)]
@@ -229,7 +229,7 @@ def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
 
 
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
-    from stl10_keras.train import main
+    from stl10_keras.cli import main
 
     path = tmp_path / "notes.txt"
     path.write_text("mine")
@@ -403,26 +403,3 @@ def test_default_variant_kmeans12_writes_the_figures_and_kmeans_record(tmp_path)
     tags = set(events.Tags()["tensors"])
     assert {"figure3_augmentation", "figure1_kmeans_centroids_3x3",
             "figure2_filters_stage1"} <= tags
-
-
-def test_readme_documents_every_train_flag_and_the_run_names():
-    import re
-
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Training:")[1].split("### The model")[0]
-    # Augmentation and k-means flags are documented in their own sections.
-    through_kmeans = readme.split("## Training:")[1].split("## Ablation")[0]
-    parser = build_parser()
-    options = {o for a in parser._actions for o in a.option_strings
-               if o.startswith("--") and o != "--help"}
-    flags = re.compile(r"[`/](--[a-z][a-z-]*)")  # `--augment/--no-augment`
-    assert options - set(flags.findall(through_kmeans)) == set()  # each is documented
-    assert set(flags.findall(section)) - options == set()  # no missing flag is
-    # The documented default names, for each kind of preset.
-    assert "`runs/DATASET_VARIANT[_PRESET]_sSEED`" in section
-    from stl10_keras.train import default_run_name
-
-    assert default_run_name(preset("default", "digits")) == "digits_kmeans12_s0"
-    assert default_run_name(preset("smoke", "digits", "baseline")) \
-        == "digits_baseline_smoke_s0"
-    assert preset("smoke", "digits").train.epochs == 1  # README: smoke keeps 1 epoch
