@@ -32,6 +32,16 @@ TEST_SEED = 1234  # fixed, like STL-10's fixed test split
 MIN_PER_CLASS = 2
 
 
+def class_folder_names(data_dir: str | None) -> tuple[str, ...]:
+    """The class names `load` will find in `data_dir/train/` (sorted), without
+    reading any image; () when there is no such folder."""
+    train_dir = Path(data_dir or "").expanduser() / "train"
+    if not data_dir or not train_dir.is_dir():
+        return ()
+    return tuple(sorted(e.name for e in train_dir.iterdir()
+                        if e.is_dir() and not e.name.startswith(".")))
+
+
 def scan_classes(split_dir: Path) -> dict[str, list[Path]]:
     """`{class name: image files}` of `split_dir/CLASS/*`, classes sorted.
 
