@@ -55,7 +55,8 @@ def main() -> None:
     if min(args.images, args.batch_size, *widths, *spes) < 1 or args.epochs < 2:
         p.error("sizes must be >= 1 and --epochs >= 2.")
 
-    from stl10_keras.data import make_batches, tensorflow_available
+    from stl10_keras.data import make_batches
+    from stl10_keras.runtime import tensorflow_available
 
     tensorflow_available()
     import keras

@@ -203,6 +203,48 @@ def load_splits(
     return splits
 
 
+def source_files(dataset: str, data_dir: str | None) -> list[Path]:
+    """The files a dataset would be read from, sorted (for fingerprints).
+
+    An image folder: every file under `train/`, `test/` and `unlabeled/`;
+    Fashion-MNIST: its four IDX files (in `data_dir`, else Debian's folder);
+    STL-10: the files in `data_dir` and its `stl10_binary/`. Empty for the
+    bundled digits and for data only tensorflow-datasets holds.
+    """
+    if not data_dir and dataset != "fashion_mnist":
+        return []
+    if dataset == "folder":
+        root = Path(data_dir).expanduser()
+        return sorted(p for sub in ("train", "test", "unlabeled")
+                      for p in (root / sub).rglob("*") if p.is_file())
+    if dataset == "fashion_mnist":
+        from stl10_keras.sources import fashion_mnist
+
+        files = fashion_mnist.find_files(data_dir or fashion_mnist.DEBIAN_DIR)
+        return sorted(files.values()) if files else []
+    if dataset == "stl10":
+        root = Path(data_dir).expanduser()
+        return sorted(p for folder in (root, root / "stl10_binary") if folder.is_dir()
+                      for p in folder.iterdir() if p.is_file())
+    return []
+
+
+def source_files_signature(dataset: str, data_dir: str | None) -> str | None:
+    """sha256 of `source_files`' paths, sizes and modification times (None: no
+    files): it changes when a file is added, removed, replaced or edited."""
+    import hashlib
+
+    files = source_files(dataset, data_dir)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 def load_splits_for(config, seed: int | None = None) -> Splits:
     """`load_splits` with a run config's data settings and seed.
 

@@ -153,7 +153,7 @@ def _load_tfds(data_dir: str | None, download: bool) -> tuple:
 
     import tensorflow_datasets as tfds
 
-    from stl10_keras.data import tensorflow_available
+    from stl10_keras.runtime import tensorflow_available
 
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
