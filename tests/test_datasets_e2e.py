@@ -104,40 +104,46 @@ def test_ablation_on_fashion_mnist(datasets, tmp_path):
     assert (tmp_path / "ab" / "figure8.png").exists() and "fashion_mnist" in out
 
 
-def run_pipeline(datasets, root, serving):
-    from pipelines.run import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([*datasets["folder"], *TINY, "--variant", "kmeans1",
-                     "--accuracy-threshold", "0", "--num-shards", "2", "--verbose",
-                     "0", "--pipeline-root", str(root), "--serving-dir",
-                     str(serving)])
-    assert code == 0, err.getvalue()[-3000:]
-    summary = json.loads((root / "pipeline_run.json").read_text())
-    return [row["status"] for row in summary["components"]], summary
-
-
 def test_pipeline_reads_a_folder_and_its_fingerprint_covers_the_files(datasets,
                                                                      tmp_path):
     from pipelines import components as c
+    from pipelines.pipeline import example_gen_parameters
+    from pipelines.run import build_parser, main
+    from stl10_keras.cli import config_from_args
 
     root, serving = tmp_path / "root", tmp_path / "serving"
-    statuses, summary = run_pipeline(datasets, root, serving)
-    assert statuses == ["ran"] * 5
+    flags = [*datasets["folder"], *TINY, "--variant", "kmeans1",
+             "--accuracy-threshold", "0", "--num-shards", "2", "--verbose", "0",
+             "--pipeline-root", str(root), "--serving-dir", str(serving)]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(flags)
+    assert code == 0, err.getvalue()[-3000:]
+    summary = json.loads((root / "pipeline_run.json").read_text())
+    assert [row["status"] for row in summary["components"]] == ["ran"] * 5
     examples = c.read_artifact(summary["artifacts"]["ExampleGen"])
     assert examples.properties["class_names"] == list(FOLDER_CLASSES)
     assert examples.properties["counts"]["unlabeled"] == 6
     pushed = serving / "1" / "assets.extra" / "class_names.txt"
     assert pushed.read_text().splitlines() == list(FOLDER_CLASSES)
-    assert run_pipeline(datasets, root, serving)[0] == ["cached"] * 5
-    # One more image in unlabeled/: new Examples, and everything after them.
+
+    # ExampleGen's fingerprint parameters change with the folder's files: one
+    # more unlabeled image, or an image rewritten, makes a new Examples artifact.
+    config = config_from_args(build_parser().parse_args(flags))
+    before = example_gen_parameters(config, 2)
+    assert example_gen_parameters(config, 2) == before
     extra = datasets["base"] / "images" / "unlabeled" / "new.png"
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(extra)
     try:
-        statuses, summary = run_pipeline(datasets, root, serving)
+        added = example_gen_parameters(config, 2)
     finally:
         extra.unlink()
-    assert statuses[:3] == ["ran", "ran", "ran"]
-    examples = c.read_artifact(summary["artifacts"]["ExampleGen"])
-    assert examples.properties["counts"]["unlabeled"] == 7
+    assert added["files"] != before["files"]
+    assert example_gen_parameters(config, 2) == before
+    image = next((datasets["base"] / "images" / "train" / "dog").glob("*.png"))
+    content = image.read_bytes()
+    Image.fromarray(np.full((20, 24, 3), 9, np.uint8)).save(image)
+    try:
+        assert example_gen_parameters(config, 2)["files"] != before["files"]
+    finally:
+        image.write_bytes(content)
