@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from _common import cpu_name
 
-from stl10_keras.data import digits_images
+from stl10_keras.sources.digits import digits_images
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"

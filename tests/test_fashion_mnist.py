@@ -16,7 +16,8 @@ from stl10_keras.sources import fashion_mnist as fm
 def write_idx_images(path, images):
     """The official layout: >i4 magic 2051, >i4 count, rows, cols, then pixels."""
     n, rows, cols = images.shape
-    payload = struct.pack(">iiii", 2051, n, rows, cols) + images.astype(np.uint8).tobytes()
+    header = struct.pack(">iiii", 2051, n, rows, cols)
+    payload = header + images.astype(np.uint8).tobytes()
     _write(path, payload)
 
 

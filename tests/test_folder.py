@@ -86,7 +86,8 @@ def test_grayscale_images_give_one_channel_and_flags_convert(tmp_path):
 
 def test_images_of_different_sizes_need_image_size(tmp_path):
     write_folder(tmp_path)
-    Image.fromarray(planted(0, 0, (20, 20))).save(tmp_path / "train" / "cat" / "big.png")
+    big = tmp_path / "train" / "cat" / "big.png"
+    Image.fromarray(planted(0, 0, (20, 20))).save(big)
     with pytest.raises(data.DataUnavailableError, match="--image-size H,W"):
         data.load_splits("folder", str(tmp_path))
     s = data.load_splits("folder", str(tmp_path), image_size=(10, 10))

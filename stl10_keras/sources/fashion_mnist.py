@@ -86,7 +86,7 @@ def read_idx(path: str | os.PathLike, magic: int) -> np.ndarray:
 
 
 def find_files(folder: str | os.PathLike) -> dict[str, Path] | None:
-    """The four files in `folder` (each `.gz` or uncompressed), or None if any is missing."""
+    """The four files in `folder` (`.gz` or uncompressed); None if one is missing."""
     folder = Path(folder).expanduser()
     found = {}
     for key, name in FILES.items():
