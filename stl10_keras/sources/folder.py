@@ -156,16 +156,14 @@ def load(data_dir: str | None, val_per_class: int | None, seed: int,
     x = _decode_all(x_files, size, c, "train/")
     x_test = _decode_all(t_files, size, c, "test/")
 
-    source_files = unlabeled if unlabeled is not None else None
-
     def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
-        if source_files is None:  # the training images, labels dropped
+        if unlabeled is None:  # the training images, labels dropped
             for i in range(0, len(x), batch_size):
                 yield x[i:i + batch_size]
             return
-        for i in range(0, len(source_files), batch_size):
+        for i in range(0, len(unlabeled), batch_size):
             yield np.stack([decode_image(p, size, c)
-                            for p in source_files[i:i + batch_size]])
+                            for p in unlabeled[i:i + batch_size]])
 
     unlabeled_text = (f"{len(unlabeled)} images in unlabeled/" if unlabeled is not None
                       else "no unlabeled/: k-means reads the labeled images")
