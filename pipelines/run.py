@@ -19,6 +19,7 @@ from typing import Sequence
 
 from stl10_keras import runtime
 from stl10_keras.config import ConfigError
+from stl10_keras.io_utils import check_output_dir
 from stl10_keras.cli import (
     add_config_arguments,
     config_from_args,
@@ -38,11 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("pipeline")
     g.add_argument("--pipeline-root", default=None,
                    help="where the artifacts and pipeline_run.json go (default "
-                        "runs/pipelines/DATASET_VARIANT_sSEED)")
+                        "runs/pipelines/DATASET_VARIANT[_PRESET]_sSEED; _PRESET "
+                        "only for paper and smoke)")
     g.add_argument("--serving-dir", default=None,
                    help="TF Serving model base path the Pusher pushes to and the "
                         "Evaluator compares with (default saved_models/"
-                        "DATASET_VARIANT_sSEED)")
+                        "DATASET_VARIANT[_PRESET]_sSEED)")
     g.add_argument("--accuracy-threshold", type=float,
                    default=DEFAULT_ACCURACY_THRESHOLD,
                    help="lowest validation accuracy the Evaluator blesses (default "
@@ -63,12 +65,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = config_from_args(args)
         name = default_run_name(config)
+        root = args.pipeline_root or Path("runs") / "pipelines" / name
+        serving_dir = args.serving_dir or Path("saved_models") / name
+        check_output_dir(root, "--pipeline-root")
+        check_output_dir(serving_dir, "--serving-dir")
         from pipelines.pipeline import create_pipeline, run_pipeline
 
         pipeline = create_pipeline(
             config,
-            args.pipeline_root or Path("runs") / "pipelines" / name,
-            args.serving_dir or Path("saved_models") / name,
+            root,
+            serving_dir,
             accuracy_threshold=args.accuracy_threshold,
             num_shards=args.num_shards,
             verbose=args.verbose,

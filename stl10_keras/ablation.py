@@ -32,6 +32,7 @@ from stl10_keras.config import Config, ConfigError
 from stl10_keras.io_utils import (
     atomic_write_json,
     atomic_write_text,
+    check_output_dir,
     import_tensorflow,
 )
 
@@ -49,6 +50,8 @@ LAB_VAL_ACCURACY_PCT = {"baseline": 71.4, "augment": 80.9, "kmeans1": 83.9,
 CONVERGENCE_WINDOW = 5
 # Config fields that are meant to differ between the variants (`apply_variant`).
 VARIANT_FIELDS = ("variant", "augment.enabled", "kmeans.stages")
+# train's flags that an ablation refuses: it trains every variant and seed.
+REFUSED_FLAGS = {"--variant", "--seed", "--augment", "--no-augment"}
 
 
 # --- command line ---------------------------------------------------------------
@@ -61,10 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="The lab's Table 1 and Figure 8: train the four variants "
                     "(baseline, augment, kmeans1, kmeans12) with everything else "
                     "identical, N seeds each, and tabulate their accuracies. "
-                    "--variant and --seed do not apply (every variant and seeds "
-                    "0..N-1 are trained).",
+                    "Every variant and seeds 0..N-1 are trained, so train's variant, "
+                    "seed and augmentation switches do not apply.",
     )
     add_config_arguments(parser)
+    # Shared with train but refused here (`plan_configs` says why): kept so the
+    # refusal is a sentence rather than argparse's "unrecognized arguments".
+    for action in parser._actions:
+        if set(action.option_strings) & REFUSED_FLAGS:
+            action.help = argparse.SUPPRESS
     g = parser.add_argument_group("ablation")
     g.add_argument("--seeds", type=int, default=3,
                    help="seeds per variant: 0..N-1 (default 3)")
@@ -510,6 +518,7 @@ def run_ablation(
     total = len(plan)
     metrics: dict[tuple[str, int], dict] = {}
     index = 0
+    announced = False  # the device line, once for the whole ablation
     for seed in seeds:
         splits = None  # loaded once per seed, only if a run needs training
         for variant in cfg.VARIANTS:
@@ -533,10 +542,13 @@ def run_ablation(
 
                 from stl10_keras.train import train
 
+                if not announced:  # a status line, like the ones around it
+                    log(f"training on {runtime.device_summary()}")
+                    announced = True
                 keras.backend.clear_session()  # free the previous run's graphs
                 t0 = time.perf_counter()
                 m = train(config, run_dir, export_dir=None, verbose=verbose,
-                          splits=splits)
+                          splits=splits, device_line=False)
                 metrics[(variant, seed)] = m
                 log(f"{prefix}: validation {_pct(m['val_accuracy'])} %, test "
                     f"{_pct(m['test_accuracy'])} % ({time.perf_counter() - t0:.0f} s)")
@@ -563,6 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = next(iter(plan.values()))
         ablation_dir = Path(args.run_dir) if args.run_dir else \
             default_ablation_dir(first)
+        check_output_dir(ablation_dir, "--run-dir")
         print(f"ablation of {len(cfg.VARIANTS)} variants x "
               f"{_plural(args.seeds, 'seed')} on {first.data.dataset} ({first.preset} "
               f"preset, {_plural(first.train.epochs, 'epoch')}) in {ablation_dir}")

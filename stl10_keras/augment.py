@@ -20,9 +20,8 @@ import keras
 import numpy as np
 from keras import ops
 
-from stl10_keras.config import AugmentConfig
+from stl10_keras.config import FILL_MODES, AugmentConfig
 
-FILL_MODES = ("reflect", "wrap", "nearest", "constant")
 INTERPOLATIONS = ("bilinear", "nearest")
 RESAMPLERS = ("gather", "affine_transform")
 

@@ -33,6 +33,28 @@ gradient to different branches, so each branch still gets `dE/dy` once and the
 sum's gradient stays exact (routing both to one branch would give it
 `2 dE/dy` and the other nothing).
 
+With a mask (weights `w_k` of 1 for the positions that count, 0 for the
+others, as keras' BatchNormalization takes it) the statistics are over the
+unmasked positions, `m = sum_k w_k` (`mu = sigma^2 = 0` when `m = 0`):
+
+    mu      = sum_k w_k x_k / m
+    sigma^2 = sum_k w_k (x_k - mu)^2 / m
+
+and every output, masked or not, is normalised with them. The backward pass
+is the lab's with the statistics' sums weighted by the mask; dE/dsigma^2 and
+dE/dmu still sum over every output that the statistics reach:
+
+    dE/dmu  = sum_k -dE/dx_hat_k / sqrt(sigma^2 + eps)
+              + dE/dsigma^2 * sum_k -2 w_k (x_k - mu) / m  (this term is 0)
+    dE/dx_k = dE/dx_hat_k / sqrt(sigma^2 + eps)
+              + w_k (dE/dmu / m + dE/dsigma^2 * 2 (x_k - mu) / m)
+
+(docs/backprop.md derives it). Synchronised batch norm takes the sums over
+the replicas' batches: `all_reduce` sums a per-channel tensor across replicas
+in the forward pass (the statistics) and in the backward pass (the sums in
+dE/dsigma^2 and dE/dmu, because every replica's outputs depend on every
+replica's inputs through the shared statistics).
+
 These functions use `keras.ops` only, so they run on every backend. They are
 the one implementation that `layers.ManualBatchNorm` uses for its gradient, and
 `python -m stl10_keras.gradcheck` checks them against autodiff and finite
@@ -252,7 +274,49 @@ def _mean(x, axes: Sequence[int]):
     return ops.sum(x, axis=axes, keepdims=True) / _count(x, axes)
 
 
-def batch_norm_moments(x, axes: Sequence[int]):
+def _identity(t):
+    return t
+
+
+class _Sums:
+    """Per-channel sums over the batch: local, or across replicas.
+
+    `count` is `m`, the number of values that enter the statistics (the
+    unmasked ones, over every replica's batch when synchronised), at least 1
+    so that a fully masked batch has statistics 0 rather than 0 / 0.
+    """
+
+    def __init__(self, x, axes, weights=None, all_reduce=None):
+        self.axes = tuple(axes)
+        self.weights = weights
+        self.all_reduce = all_reduce or _identity
+        if weights is None and all_reduce is None:
+            self.count = _count(x, self.axes)
+        else:
+            local = (ops.sum(weights, axis=self.axes, keepdims=True)
+                     if weights is not None else _count(x, self.axes))
+            self.count = ops.maximum(self.all_reduce(local), 1.0)
+
+    def local(self, t):
+        """`sum_k t_k` over this replica's batch (every position)."""
+        return ops.sum(t, axis=self.axes, keepdims=True)
+
+    def total(self, t):
+        """`sum_k t_k` over every replica's batch (every position)."""
+        return self.all_reduce(self.local(t))
+
+    def weighted(self, t):
+        """`sum_k w_k t_k` over every replica's batch."""
+        if self.weights is not None:
+            t = t * self.weights
+        return self.total(t)
+
+    def mean(self, t):
+        """`sum_k w_k t_k / m`: the mean over the positions that count."""
+        return self.weighted(t) / self.count
+
+
+def batch_norm_moments(x, axes: Sequence[int], weights=None, all_reduce=None):
     """Mean and biased variance over `axes`, the variance from centred values.
 
     Computing `E[(x - mu)^2]` rather than `E[x^2] - mu^2` avoids catastrophic
@@ -262,13 +326,19 @@ def batch_norm_moments(x, axes: Sequence[int]):
     Args:
         x: input tensor, float32 or float64 (computed in its dtype on every
             backend).
-        axes: reduction axes (all but the channel axis).
+        axes: reduction axes (all but the channel axes).
+        weights: optional mask, 1 where a value counts and 0 where not,
+            shaped like `x` and in its dtype. With no value counting, both
+            statistics are 0.
+        all_reduce: optional function that sums a per-channel tensor across
+            replicas (synchronised batch norm).
 
     Returns:
         `(mean, variance)` with the reduced axes kept (size 1).
     """
-    mean = _mean(x, axes)
-    var = _mean(ops.square(x - mean), axes)
+    sums = _Sums(x, axes, weights, all_reduce)
+    mean = sums.mean(x)
+    var = sums.mean(ops.square(x - mean))
     return mean, var
 
 
@@ -283,7 +353,17 @@ def batch_norm_forward(x, gamma, beta, mean, var, epsilon: float):
 
 
 def batch_norm_backward(
-    dy, x, mean, var, gamma, epsilon: float, axes: Sequence[int], centred=None
+    dy,
+    x,
+    mean,
+    var,
+    gamma,
+    epsilon: float,
+    axes: Sequence[int],
+    centred=None,
+    *,
+    weights=None,
+    all_reduce=None,
 ) -> BatchNormGradients:
     """The lab's batch-norm backward pass, term by term.
 
@@ -295,39 +375,63 @@ def batch_norm_backward(
         gamma: scale, broadcastable to `x`.
         epsilon: the epsilon inside the square root.
         axes: the reduction axes.
+        centred: `x - mean` if already computed.
+        weights: the mask the statistics were computed with (see
+            `batch_norm_moments`), or None.
+        all_reduce: the cross-replica sum the statistics were computed with,
+            or None.
 
     Returns:
         `BatchNormGradients`: dx has the shape of `x`; dmu, dvar have the
         shape of `mean`; dgamma and dbeta have the shape of `mean` too
-        (reshape to the parameter's shape where needed).
+        (reshape to the parameter's shape where needed). dgamma and dbeta are
+        this replica's share; the optimizer sums them across replicas.
     """
-    m = _count(x, axes)
+    sums = _Sums(x, axes, weights, all_reduce)
+    m = sums.count
     inv_std = ops.rsqrt(var + epsilon)
     if centred is None:
         centred = x - mean
     # dE/dx_hat_k = dE/dy_k * gamma, and gamma is constant over k, so it comes
     # out of every sum. The sums the derivation needs, taken over the tensor
-    # once (sibling reductions of one input fuse into a single loop under XLA):
-    sum_dy = ops.sum(dy, axis=axes, keepdims=True)
-    sum_dy_centred = ops.sum(dy * centred, axis=axes, keepdims=True)
-    sum_centred = ops.sum(centred, axis=axes, keepdims=True)
+    # once (sibling reductions of one input fuse into a single loop under XLA).
+    # Every output depends on the statistics, so these two run over every
+    # position (and every replica's batch); they are this replica's for
+    # dgamma and dbeta.
+    local_dy = sums.local(dy)
+    local_dy_centred = sums.local(dy * centred)
+    sum_dy = sums.all_reduce(local_dy)
+    sum_dy_centred = sums.all_reduce(local_dy_centred)
+    # Only the positions that count enter the statistics.
+    sum_centred = sums.weighted(centred)
     # dE/dsigma^2 = sum_k dE/dx_hat_k (x_k - mu) (-1/2) (sigma^2 + eps)^(-3/2)
     dvar = gamma * sum_dy_centred * (-0.5) * inv_std**3
     # dE/dmu = sum_k -dE/dx_hat_k / sqrt(sigma^2 + eps)
-    #          + dE/dsigma^2 * sum_k -2 (x_k - mu) / m
+    #          + dE/dsigma^2 * sum_k -2 w_k (x_k - mu) / m
     dmu_second = dvar * (-2.0) * sum_centred / m
     gamma_inv_std = gamma * inv_std  # one product for both uses: exact cancellation
     dmu = -sum_dy * gamma_inv_std + dmu_second
-    # dE/dx_k = dE/dx_hat_k / sqrt(.) + dE/dmu / m + dE/dsigma^2 2 (x_k - mu) / m,
+    # dE/dx_k = dE/dx_hat_k / sqrt(.) + w_k (dE/dmu / m + dE/dsigma^2 2 (x_k - mu) / m),
     # with the per-channel factors gathered first so that only three
     # element-wise passes touch the whole tensor.
-    dx = dy * gamma_inv_std + centred * (dvar * 2.0 / m) + dmu / m
-    dgamma = sum_dy_centred * inv_std  # sum_k dE/dy_k x_hat_k
-    dbeta = sum_dy  # sum_k dE/dy_k
+    if weights is None:
+        dx = dy * gamma_inv_std + centred * (dvar * 2.0 / m) + dmu / m
+    else:  # the statistics' paths reach the unmasked positions only
+        dx = dy * gamma_inv_std + (centred * (dvar * 2.0 / m) + dmu / m) * weights
+    dgamma = local_dy_centred * inv_std  # sum_k dE/dy_k x_hat_k
+    dbeta = local_dy  # sum_k dE/dy_k
     return BatchNormGradients(dx, dmu, dvar, dgamma, dbeta, dmu_second)
 
 
-def batch_norm_train(x, gamma, beta, epsilon: float, axes: Sequence[int]):
+def batch_norm_train(
+    x,
+    gamma,
+    beta,
+    epsilon: float,
+    axes: Sequence[int],
+    weights=None,
+    all_reduce=None,
+):
     """Training-mode batch norm whose gradient is `batch_norm_backward`.
 
     Autodiff never differentiates the forward formula here: the gradient
@@ -339,6 +443,10 @@ def batch_norm_train(x, gamma, beta, epsilon: float, axes: Sequence[int]):
         gamma, beta: scale and shift, broadcastable to `x` (reduced axes size 1).
         epsilon: the epsilon inside the square root.
         axes: the reduction axes.
+        weights: optional mask, 1 where a value enters the statistics and 0
+            where not, shaped like `x` and in its dtype (no gradient).
+        all_reduce: optional function summing a per-channel tensor across
+            replicas (synchronised batch norm); None for local statistics.
 
     Returns:
         `(y, mean, var)`; `mean` and `var` carry no gradient (they are for the
@@ -351,17 +459,25 @@ def batch_norm_train(x, gamma, beta, epsilon: float, axes: Sequence[int]):
     # moving averages) and carry no gradient of their own.
     @ops.custom_gradient
     def _bn(x, gamma, beta):
-        mean = _mean(x, axes)
-        centred = x - mean
-        var = _mean(ops.square(centred), axes)
+        if weights is None and all_reduce is None:
+            mean = _mean(x, axes)
+            centred = x - mean
+            var = _mean(ops.square(centred), axes)
+        else:
+            sums = _Sums(x, axes, weights, all_reduce)
+            mean = sums.mean(x)
+            centred = x - mean
+            var = sums.mean(ops.square(centred))
         y = centred * (gamma * ops.rsqrt(var + epsilon)) + beta
 
         def grad(*args, upstream=None):
             upstream = _upstream(args, upstream)
             # TensorFlow passes one cotangent per output, JAX one tuple.
             dy = upstream[0] if isinstance(upstream, (tuple, list)) else upstream
-            g = batch_norm_backward(dy, x, mean, var, gamma, epsilon, axes,
-                                    centred=centred)
+            g = batch_norm_backward(
+                dy, x, mean, var, gamma, epsilon, axes, centred=centred,
+                weights=weights, all_reduce=all_reduce,
+            )
             return (
                 g.dx,
                 ops.reshape(g.dgamma, ops.shape(gamma)),

@@ -177,7 +177,29 @@ def config_from_args(args: argparse.Namespace) -> Config:
         if len(names) >= 2:
             m.num_classes = len(names)
     cfg.validate(config)
+    check_data_dir(config, given=args.data_dir is not None)
     return config
+
+
+def check_data_dir(config: Config, given: bool) -> None:
+    """Refuse a `--data-dir` that is a file, or that the dataset does not read.
+
+    Args:
+        config: the resolved config.
+        given: whether `--data-dir` was on the command line (a config file's
+            value is the run's record, not a user's new mistake).
+    """
+    data_dir = config.data.data_dir
+    if data_dir is None:
+        return
+    if given and config.data.dataset == "digits":
+        # An error, not a warning: the value would be recorded in config.json,
+        # where it changes nothing but makes the run's config differ.
+        raise ConfigError("--data-dir is not used by --dataset digits (bundled "
+                          "with scikit-learn); drop it.")
+    if Path(data_dir).exists() and not Path(data_dir).is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is a file, not a directory; pass "
+                          "the folder that holds stl10_binary/ or the archive.")
 
 
 def default_run_name(config: Config) -> str:
@@ -262,6 +284,14 @@ def _print_summary(metrics: dict, run_dir: Path) -> None:
     print(f"run dir: {run_dir}")
     if metrics.get("export_path"):
         print(f"SavedModel: {metrics['export_path']}")
+    print("next:")
+    print(f"  tensorboard --logdir {run_dir / 'logs'}")
+    if metrics.get("export_path"):
+        base = Path(metrics["export_path"]).parent
+        print(f"  python -m stl10_keras.serve --model-base-path {base}")
+        print(f"  python -m stl10_keras.predict --model {base} IMAGE.png")
+    else:
+        print(f"  python -m stl10_keras.export --run-dir {run_dir}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

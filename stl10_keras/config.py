@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 DATASETS = ("stl10", "digits", "fashion_mnist", "folder")
 VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")
 PRESETS = ("default", "paper", "smoke")
-FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # as stl10_keras.augment
+FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # RandomAffine's fill modes
 
 
 class ConfigError(ValueError):
@@ -281,12 +282,16 @@ def _checked_value(name: str, annotation: str, value: Any) -> Any:
                       f"not {json.dumps(value)}; fix it in the file.")
 
 
+def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
+    """Raise `ConfigError` unless `value` is one of `choices` (`what`: its name)."""
+    if value not in choices:
+        raise ConfigError(f"Unknown {what} '{value}'; choose one of "
+                          f"{', '.join(choices)}.")
+
+
 def apply_variant(config: Config) -> None:
     """Set augmentation and k-means stages from `config.variant` (lab's Table 1)."""
-    if config.variant not in VARIANTS:
-        raise ConfigError(
-            f"Unknown variant '{config.variant}'; choose one of {', '.join(VARIANTS)}."
-        )
+    check_choice(config.variant, VARIANTS, "variant")
     config.augment.enabled = config.variant != "baseline"
     config.kmeans.stages = {"baseline": (), "augment": (), "kmeans1": (1,),
                             "kmeans12": (1, 2)}[config.variant]
@@ -305,12 +310,8 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
     Returns:
         A validated `Config`.
     """
-    if name not in PRESETS:
-        raise ConfigError(f"Unknown preset '{name}'; choose one of {', '.join(PRESETS)}.")
-    if dataset not in DATASETS:
-        raise ConfigError(
-            f"Unknown dataset '{dataset}'; choose one of {', '.join(DATASETS)}."
-        )
+    check_choice(name, PRESETS, "preset")
+    check_choice(dataset, DATASETS, "dataset")
     config = Config(preset=name, variant=variant)
     config.data.dataset = dataset
     if dataset == "digits":
@@ -338,17 +339,9 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
 def validate(config: Config) -> None:
     """Raise `ConfigError` naming the fix for any invalid value."""
     m, t, a, k, d = config.model, config.train, config.augment, config.kmeans, config.data
-    if config.preset not in PRESETS:
-        raise ConfigError(
-            f"Unknown preset '{config.preset}'; choose one of {', '.join(PRESETS)}."
-        )
-    if d.dataset not in DATASETS:
-        raise ConfigError(
-            f"Unknown dataset '{d.dataset}'; choose one of {', '.join(DATASETS)}.")
-    if config.variant not in VARIANTS:
-        raise ConfigError(
-            f"Unknown variant '{config.variant}'; choose one of {', '.join(VARIANTS)}."
-        )
+    check_choice(config.preset, PRESETS, "preset")
+    check_choice(d.dataset, DATASETS, "dataset")
+    check_choice(config.variant, VARIANTS, "variant")
     if not m.widths or any(w < 1 for w in m.widths):
         raise ConfigError("--widths needs one positive filter count per stage, e.g. 64,128.")
     if len(m.convs_per_stage) != len(m.widths) or any(c < 1 for c in m.convs_per_stage):
@@ -368,12 +361,16 @@ def validate(config: Config) -> None:
         raise ConfigError("--epochs must be at least 1.")
     if t.batch_size < 1:
         raise ConfigError("--batch-size must be at least 1.")
-    if t.learning_rate <= 0:
-        raise ConfigError("--learning-rate must be positive.")
-    if t.lr_decay < 0:
-        raise ConfigError("--lr-decay must be 0 or more (0: a constant learning rate).")
-    if t.weight_decay < 0:
-        raise ConfigError("--weight-decay must be 0 or more (0: no weight decay).")
+    # Each `not (...)` is also true for NaN, which fails every comparison.
+    if not (0 < t.learning_rate < math.inf):
+        raise ConfigError("--learning-rate must be a positive finite number, e.g. "
+                          "0.01.")
+    if not (0 <= t.lr_decay < math.inf):
+        raise ConfigError("--lr-decay must be a finite number, 0 or more (0: a "
+                          "constant learning rate).")
+    if not (0 <= t.weight_decay < math.inf):
+        raise ConfigError("--weight-decay must be a finite number, 0 or more (0: "
+                          "no weight decay).")
     if not 0.0 <= t.momentum <= 1.0:
         raise ConfigError("--momentum must be in [0, 1], e.g. the lab's 0.5.")
     if not 0 <= t.seed < 2**32:
@@ -396,6 +393,8 @@ def validate(config: Config) -> None:
         raise ConfigError("data.shuffle_buffer must be at least 1; fix the config file.")
     if a.on not in ("device", "cpu"):
         raise ConfigError("--augment-on must be 'device' or 'cpu'.")
+    if not all(math.isfinite(v) for v in (a.scale_min, a.scale_max)):
+        raise ConfigError("--scale-range must be finite numbers, e.g. 1.0,1.4.")
     if not 1.0 <= a.scale_min <= a.scale_max:
         raise ConfigError("Scale range must satisfy 1 <= min <= max; fix --scale-range.")
     if a.fill_mode not in FILL_MODES:

@@ -568,6 +568,56 @@ def _read_run_config(run_dir: Path) -> Config:
         raise EmbedError(str(e)) from None
 
 
+@dataclass(frozen=True)
+class EmbedOptions:
+    """What to embed and how; `check` validates it once, before any work.
+
+    Args: as `embed`'s, of which this is the part that does not name the run.
+    """
+
+    split: str = "test"
+    layers: str = "all"
+    max_points: int = 2000
+    pool: str = "flatten"
+    perplexity: float = 30.0
+    seed: int = 0
+    tsne: bool = True
+    max_dims: int = 4096
+    batch_size: int = 64
+    threads: int | None = None
+
+    def check(self, config: Config) -> list[str]:
+        """Raise `EmbedError` for a bad option; the layer names for this run's model.
+
+        The checks that need the sample (enough images per class, a perplexity
+        below the number of points) are `_sample`'s.
+        """
+        if self.split not in SPLITS:
+            raise EmbedError(f"Unknown split '{self.split}'; choose one of "
+                             f"{', '.join(SPLITS)}.")
+        if self.pool not in POOLS:
+            raise EmbedError(f"Unknown pool '{self.pool}'; choose one of "
+                             f"{', '.join(POOLS)}.")
+        names = parse_layers(self.layers, len(config.model.widths))
+        needed = min_points(config.model.num_classes)
+        if self.max_points < needed:
+            raise EmbedError(
+                f"--max-points must be at least {needed} ({KNN_FOLDS} per class for "
+                f"{KNN_FOLDS}-fold cross-validation of the kNN score), got "
+                f"{self.max_points}."
+            )
+        if self.max_dims < 0 or self.batch_size < 1 or (
+                self.threads is not None and self.threads < 1):
+            raise EmbedError("--max-dims must be 0 or more, --batch-size and "
+                             "--threads at least 1.")
+        if self.tsne and self.perplexity <= 0:
+            raise EmbedError(f"--perplexity must be positive, got {self.perplexity}.")
+        if not 0 <= self.seed < 2**32:  # numpy's seeds; a negative one was a traceback
+            raise EmbedError(f"--seed must be an integer in 0..4294967295, got "
+                             f"{self.seed}.")
+        return names
+
+
 def embed(
     run_dir: str | os.PathLike,
     split: str = "test",
@@ -610,53 +660,76 @@ def embed(
     """
     run_dir = Path(run_dir)
     config = _read_run_config(run_dir)
-    if split not in SPLITS:
-        raise EmbedError(f"Unknown split '{split}'; choose one of {', '.join(SPLITS)}.")
-    if pool not in POOLS:
-        raise EmbedError(f"Unknown pool '{pool}'; choose one of {', '.join(POOLS)}.")
-    num_stages = len(config.model.widths)
-    names = parse_layers(layers if isinstance(layers, str) else ",".join(layers),
-                         num_stages)
-    needed = min_points(config.model.num_classes)
-    if max_points < needed:
-        raise EmbedError(
-            f"--max-points must be at least {needed} ({KNN_FOLDS} per class for "
-            f"{KNN_FOLDS}-fold cross-validation of the kNN score), got {max_points}."
-        )
-    if max_dims < 0 or batch_size < 1 or (threads is not None and threads < 1):
-        raise EmbedError("--max-dims must be 0 or more, --batch-size and --threads "
-                         "at least 1.")
-    if tsne and perplexity <= 0:
-        raise EmbedError(f"--perplexity must be positive, got {perplexity}.")
-    if not 0 <= seed < 2**32:  # numpy's seeds; a negative one was a traceback
-        raise EmbedError(f"--seed must be an integer in 0..4294967295, got {seed}.")
+    options = EmbedOptions(
+        split, layers if isinstance(layers, str) else ",".join(layers), max_points,
+        pool, perplexity, seed, tsne, max_dims, batch_size, threads)
+    names = options.check(config)
+    splits = _load_splits(config, splits)
+    images, labels, counts = _sample(options, splits, config.model.num_classes)
+    model = _load_run_model(run_dir, len(config.model.widths))
+    features, dims = extract_features(model, images, names, pool, max_dims,
+                                      batch_size, seed, progress)
+    rows, maps = _score_layers(names, features, dims, labels, options, progress)
+    result: dict[str, Any] = {
+        "split": split,
+        "num_points": int(len(labels)),
+        "per_class": {splits.class_names[c]: int(n) for c, n in enumerate(counts)},
+        "pool": pool,
+        "max_dims": max_dims,
+        "perplexity": perplexity if tsne else None,
+        "seed": seed,
+        "knn": {"neighbors": KNN_NEIGHBORS, "folds": KNN_FOLDS,
+                "cv": "StratifiedKFold(shuffle=True, random_state=seed)"},
+        "layers": rows,
+        "projector": str(Path("logs") / PROJECTOR_DIR),
+    }
+    write_projector(run_dir / "logs", features, labels, splits.class_names, images,
+                    _summary_markdown(result))
+    figures = _write_figures(run_dir, maps, rows, labels, splits.class_names, options)
+    result["figures"] = [str(p.relative_to(run_dir)) for p in figures]
+    atomic_write_json(run_dir / "embed.json", result)
+    return result
 
+
+def _load_splits(config: Config, splits):
+    """The run's dataset (`splits` when preloaded); missing data is an `EmbedError`."""
+    if splits is not None:
+        return splits
     from stl10_keras import data as data_lib
 
-    if splits is None:
-        try:
-            splits = data_lib.load_splits_for(config)
-        except data_lib.DataUnavailableError as e:
-            raise EmbedError(str(e)) from None
+    try:
+        return data_lib.load_splits_for(config)
+    except data_lib.DataUnavailableError as e:
+        raise EmbedError(str(e)) from None
+
+
+def _sample(options: EmbedOptions, splits, num_classes: int):
+    """The stratified sample: `(images, labels, images per class)`, checked."""
     images, labels = {
         "test": (splits.x_test, splits.y_test),
         "validation": (splits.x_val, splits.y_val),
         "train": (splits.x_train, splits.y_train),
-    }[split]
-    chosen = stratified_sample(labels, max_points, seed)
+    }[options.split]
+    chosen = stratified_sample(labels, options.max_points, options.seed)
     images, labels = images[chosen], np.asarray(labels[chosen])
     counts = np.bincount(labels, minlength=len(splits.class_names))
-    if counts[counts > 0].min(initial=len(labels)) < KNN_FOLDS or len(labels) < needed:
+    if counts[counts > 0].min(initial=len(labels)) < KNN_FOLDS \
+            or len(labels) < min_points(num_classes):
         raise EmbedError(
-            f"The {split} split gives too few images per class for {KNN_FOLDS}-fold "
-            f"cross-validation ({counts.tolist()}); use a larger split."
+            f"The {options.split} split gives too few images per class for "
+            f"{KNN_FOLDS}-fold cross-validation ({counts.tolist()}); use a larger "
+            "split."
         )
-    if tsne and perplexity >= len(labels):
+    if options.tsne and options.perplexity >= len(labels):
         raise EmbedError(
-            f"--perplexity ({perplexity:g}) must be below the number of points "
-            f"({len(labels)}); lower it or raise --max-points."
+            f"--perplexity ({options.perplexity:g}) must be below the number of "
+            f"points ({len(labels)}); lower it or raise --max-points."
         )
+    return images, labels, counts
 
+
+def _load_run_model(run_dir: Path, num_stages: int):
+    """The run's `model.keras`, which must have the stages its config describes."""
     runtime.load_keras()
     from stl10_keras.model import load_model, stage_output_names
 
@@ -673,66 +746,58 @@ def embed(
             f"model.keras has {model_stages} stages but config.json describes "
             f"{num_stages}; the run dir is inconsistent, train it again."
         )
+    return model
 
-    features, dims = extract_features(model, images, names, pool, max_dims,
-                                      batch_size, seed, progress)
-    rows = []
-    maps = {}
+
+def _score_layers(names: list[str], features: dict, dims: dict,
+                  labels: np.ndarray, options: EmbedOptions, progress: bool
+                  ) -> tuple[list[dict], dict[str, np.ndarray]]:
+    """Per layer: its kNN score, and its t-SNE map and that map's score."""
     from threadpoolctl import threadpool_limits
     from tqdm import tqdm
 
+    rows, maps = [], {}
+    seed = options.seed
     # t-SNE's OpenMP threads meet at a barrier every iteration; on a 2-core CPU
     # that other processes kept busy, one thread ran this 3x faster
     # (docs/embeddings.md).
-    limit = threadpool_limits(threads) if threads else contextlib.nullcontext()
+    limit = threadpool_limits(options.threads) if options.threads \
+        else contextlib.nullcontext()
     with limit:
-        for name in tqdm(names, desc="kNN" + (" + t-SNE" if tsne else ""),
-                         unit="layer", disable=not progress):
+        desc = "kNN + t-SNE" if options.tsne else "kNN"
+        for name in tqdm(names, desc=desc, unit="layer", disable=not progress):
             row = {"name": name, "dims": dims[name],
                    "stored_dims": int(features[name].shape[1]),
                    "knn_accuracy": _rounded(knn_accuracy(features[name], labels,
                                                          seed)),
                    "tsne_knn_accuracy": None}
-            if tsne:
-                maps[name] = tsne_2d(features[name], perplexity, seed)
+            if options.tsne:
+                maps[name] = tsne_2d(features[name], options.perplexity, seed)
                 row["tsne_knn_accuracy"] = _rounded(knn_accuracy(maps[name], labels,
                                                                  seed))
             rows.append(row)
+    return rows, maps
 
-    result: dict[str, Any] = {
-        "split": split,
-        "num_points": int(len(labels)),
-        "per_class": {splits.class_names[c]: int(n) for c, n in enumerate(counts)},
-        "pool": pool,
-        "max_dims": max_dims,
-        "perplexity": perplexity if tsne else None,
-        "seed": seed,
-        "knn": {"neighbors": KNN_NEIGHBORS, "folds": KNN_FOLDS,
-                "cv": "StratifiedKFold(shuffle=True, random_state=seed)"},
-        "layers": rows,
-        "projector": str(Path("logs") / PROJECTOR_DIR),
-    }
-    write_projector(run_dir / "logs", features, labels, splits.class_names, images,
-                    _summary_markdown(result))
 
+def _write_figures(run_dir: Path, maps: dict, rows: list[dict], labels,
+                   class_names, options: EmbedOptions) -> list[Path]:
+    """The t-SNE figures (one per layer and the grid) and the kNN chart."""
+    fig_dir = run_dir / "figures"
     figures = []
-    if tsne:
-        fig_dir = run_dir / "figures"
+    if options.tsne:
         for row in rows:
             path = fig_dir / f"tsne_{row['name']}.png"
-            save_tsne_figure(maps[row["name"]], labels, splits.class_names, row, path)
+            save_tsne_figure(maps[row["name"]], labels, class_names, row, path)
             figures.append(path)
         path = fig_dir / "tsne_grid.png"
-        save_tsne_grid(maps, labels, splits.class_names, rows, path,
-                       f"t-SNE of each layer: {len(labels)} {split} images, "
-                       f"stage outputs {_POOL_WORDS[pool]}")
+        save_tsne_grid(maps, labels, class_names, rows, path,
+                       f"t-SNE of each layer: {len(labels)} {options.split} images, "
+                       f"stage outputs {_POOL_WORDS[options.pool]}")
         figures.append(path)
-    path = run_dir / "figures" / "embed_knn.png"
-    save_knn_chart(rows, len(splits.class_names), path)
+    path = fig_dir / "embed_knn.png"
+    save_knn_chart(rows, len(class_names), path)
     figures.append(path)
-    result["figures"] = [str(p.relative_to(run_dir)) for p in figures]
-    atomic_write_json(run_dir / "embed.json", result)
-    return result
+    return figures
 
 
 # --- command line ---------------------------------------------------------------

@@ -11,15 +11,24 @@ any size (string `[None]`, input name `image_bytes`: TF Serving's REST API decod
 
 Each version also holds `assets.extra/class_names.txt` (all class names, one a
 line), which `stl10_keras.predict` reads to name its top-k classes.
+
+`python -m stl10_keras.export --run-dir RUN` exports a finished run's
+`model.keras` again, as the next version (docs/export.md).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
-import uuid
+import sys
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
+
+from stl10_keras import runtime
+from stl10_keras.config import ConfigError
+from stl10_keras.io_utils import check_output_dir, crash_point, read_json
 
 if TYPE_CHECKING:
     import keras
@@ -192,22 +201,36 @@ def export_saved_model(
         fn=serve_bytes,
         input_signature=[tf.TensorSpec([None], tf.string, name=IMAGE_BYTES_INPUT)],
     )
-    tmp = base / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+    # One temporary folder name per version: what an export killed before its
+    # rename left behind is removed by the next export of that version (the
+    # rerun of the run, or the next export, which picks the same number).
+    tmp = temporary_dir(base, version)
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         archive.write_out(str(tmp), verbose=False)
         (tmp / CLASS_NAMES_FILE).parent.mkdir()
         (tmp / CLASS_NAMES_FILE).write_text(
             "".join(f"{n}\n" for n in class_names), encoding="utf-8")
+        crash_point("export")
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
+def temporary_dir(export_dir: str | os.PathLike, version: int) -> Path:
+    """Where version `version` is written before it is renamed into place.
+
+    Its name is not an integer, so TF Serving and `list_versions` skip it.
+    """
+    return Path(export_dir) / f".tmp-{int(version)}"
+
+
 def export_keras_file(
     model_path: str | os.PathLike,
     export_dir: str | os.PathLike,
     class_names: Sequence[str],
+    version: int | None = None,
 ) -> Path:
     """`export_saved_model` of a saved `model.keras` (TensorFlow backend only).
 
@@ -219,10 +242,117 @@ def export_keras_file(
         model_path: a `model.keras` written by `stl10_keras.train`.
         export_dir: the model base path.
         class_names: class names, index = class id.
+        version: the version number; None picks the next one.
 
     Returns:
         The path of the written version folder.
     """
     from stl10_keras.model import load_model
 
-    return export_saved_model(load_model(model_path), export_dir, class_names)
+    return export_saved_model(load_model(model_path), export_dir, class_names,
+                              version)
+
+
+# --- python -m stl10_keras.export ----------------------------------------------
+
+
+class ExportError(RuntimeError):
+    """A run cannot be exported; the message says what to do."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stl10_keras.export",
+        description="Export a finished run's model.keras again, as the next version "
+                    "of a TF Serving model base path, with the signatures and class "
+                    "names that train exports.",
+    )
+    parser.add_argument("--run-dir", required=True,
+                        help="a finished training run (RUN/model.keras and "
+                             "RUN/metrics.json)")
+    parser.add_argument("--export-dir", default=None,
+                        help="TF Serving model base path (default: the one the run "
+                             "exported to, else saved_models/ and the run dir's name)")
+    return parser
+
+
+def run_export_inputs(run_dir: str | os.PathLike, export_dir: str | None
+                      ) -> tuple[Path, Path, list[str]]:
+    """What exporting a run needs: `(model.keras, model base path, class names)`.
+
+    Args:
+        run_dir: a finished run of `stl10_keras.train`.
+        export_dir: the model base path, or None for the run's default.
+
+    Raises:
+        ConfigError: `run_dir` is not a directory.
+        ExportError: it holds no finished run, or one whose class names are
+            not recorded.
+    """
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ConfigError(f"--run-dir {run} is not a directory; pass the run "
+                          "directory a training run wrote (runs/NAME).")
+    model_path, metrics_path = run / "model.keras", run / "metrics.json"
+    missing = [p.name for p in (model_path, metrics_path) if not p.is_file()]
+    if missing:
+        raise ExportError(f"{run} holds no finished run (no {' or '.join(missing)}); "
+                          "rerun its train command to finish it, or pass another "
+                          "--run-dir.")
+    try:
+        metrics = read_json(metrics_path)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{metrics_path} cannot be read ({e}); rerun the run's "
+                          "train command with --overwrite.") from None
+    previous = metrics.get("export_path")
+    class_names = metrics.get("class_names")
+    names_file = Path(previous) / CLASS_NAMES_FILE if previous else None
+    if class_names is None and names_file is not None and names_file.is_file():
+        # Runs from before metrics.json recorded them: their last export has them.
+        class_names = names_file.read_text(encoding="utf-8").splitlines()
+    if not class_names:
+        raise ExportError(f"{metrics_path} does not record the class names; export "
+                          "from Python with stl10_keras.export.export_keras_file.")
+    if export_dir is None:
+        export_dir = Path(previous).parent if previous else \
+            Path("saved_models") / run.resolve().name
+    return model_path, Path(export_dir), list(class_names)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m stl10_keras.export`: the exit code (0, 1 run/export, 2 flags)."""
+    runtime.start()
+    args = build_parser().parse_args(argv)
+    try:
+        model_path, base, class_names = run_export_inputs(args.run_dir,
+                                                          args.export_dir)
+        check_output_dir(base, "--export-dir")
+        if not runtime.tensorflow_installed():
+            raise ExportError("Exporting a SavedModel needs TensorFlow, which is not "
+                              "installed; install it (requirements.txt).")
+        # The export graph is TensorFlow; model.keras loads under any backend.
+        if "keras" not in sys.modules:
+            os.environ["KERAS_BACKEND"] = "tensorflow"
+        if runtime.load_keras().backend.backend() != "tensorflow":
+            raise ExportError("Exporting needs the TensorFlow backend; rerun with "
+                              "KERAS_BACKEND=tensorflow.")
+        try:
+            path = export_keras_file(model_path, base, class_names)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise ExportError(f"{model_path} cannot be exported ({e}); retrain the "
+                              "run with --overwrite.") from None
+    except (ConfigError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("\nInterrupted; no partial version was left behind.", file=sys.stderr)
+        return 130
+    print(f"SavedModel: {path}")
+    print("next:")
+    print(f"  python -m stl10_keras.serve --model-base-path {base}")
+    print(f"  python -m stl10_keras.predict --model {base} IMAGE.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -33,12 +33,18 @@ Edge cases run the library's layer path (`ManualBatchNorm`,
 float16 and bfloat16 inputs (statistics in float32), and a large offset with a
 tiny spread (variance from centred values).
 
-`main(argv, bn_backward=..., dag_backward=...)` takes a replacement backward
-pass (tests use it to feed a wrong gradient); `--inject-bug NAME` does the same
-from the command line for a demonstration. The replacement feeds the analytic
-rows of the derivation; the rows marked "via" (autodiff through the
-custom-gradient modules and `batch_norm_train`) and the edge cases run the
-library as it is. The exit code is 1 when a check fails, 2 for a bad flag.
+The masked derivation (statistics over the unmasked positions, docs/backprop.md)
+gets every batch-norm check again, with the mask as `weights`: padded
+sequences `(batch, 5, channels)` and a fully masked batch, against the masked
+forward pass written plainly, and `ManualBatchNorm(x, mask=...)` against numpy.
+
+`main(argv, bn_backward=..., dag_backward=..., masked_bn_backward=...)` takes a
+replacement backward pass (tests use it to feed a wrong gradient);
+`--inject-bug NAME` does the same from the command line for a demonstration.
+The replacement feeds the analytic rows of the derivation; the rows marked
+"via" (autodiff through the custom-gradient modules and `batch_norm_train`) and
+the edge cases run the library as it is. The exit code is 1 when a check fails,
+2 for a bad flag; the flags are checked before keras loads.
 """
 
 from __future__ import annotations
@@ -53,6 +59,81 @@ from typing import Callable, Sequence
 # who sets it lower sees them again.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+# The names of --inject-bug's wrong backward passes (INJECTABLE_BUGS below).
+BUG_NAMES = ("drop-dvar-term", "mask-ignored", "ties-to-x1")
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer, got {text!r}"
+            ) from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0.0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m stl10_keras.gradcheck`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m stl10_keras.gradcheck",
+        description="Check the lab's hand-derived gradients (module DAG, batch "
+        "norm, masked batch norm) against autodiff and central finite "
+        "differences in float64.",
+    )
+    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+                        help="input seed (default 0)")
+    parser.add_argument("--batch", type=_int_at_least(2), default=8,
+                        help="batch size m, at least 2; a batch of one (variance "
+                        "0) is an edge case checked separately (default 8)")
+    parser.add_argument("--channels", type=_int_at_least(1), default=3,
+                        help="channels (default 3)")
+    parser.add_argument("--height", type=_int_at_least(0), default=4,
+                        help="height of the conv-shaped (N, H, W, C) input; "
+                        "0 with --width 0 skips it (default 4)")
+    parser.add_argument("--width", type=_int_at_least(0), default=4,
+                        help="width of the conv-shaped input (default 4)")
+    parser.add_argument("--tolerance", type=_positive_float, default=1e-6,
+                        help="largest relative error of a float64 gradient "
+                        "check (default 1e-6)")
+    parser.add_argument("--inject-bug", choices=BUG_NAMES,
+                        help="replace a backward pass with a deliberately wrong "
+                        "one (drop-dvar-term: dE/dx without its dE/dsigma^2 "
+                        "term; mask-ignored: the masked batch norm's backward "
+                        "as if nothing were masked; ties-to-x1: max and min "
+                        "both route to x1 at a tie) and watch the checks fail")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parses and checks the flags (argparse exits with 2 on a bad one)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.height == 0) != (args.width == 0):
+        parser.error("--height and --width must both be positive, or both 0 to "
+                     "skip the conv-shaped input")
+    return args
+
+
+if __name__ == "__main__":
+    # A bad flag or --help answers before keras and its backend load (seconds).
+    parse_args(sys.argv[1:])
+
 from stl10_keras.io_utils import filtered_startup_logs  # noqa: E402
 
 with filtered_startup_logs():  # the backend's native start-up logs
@@ -62,14 +143,14 @@ import numpy as np  # noqa: E402
 from keras import ops  # noqa: E402
 
 from stl10_keras import backprop  # noqa: E402
-from stl10_keras.backprop import (
+from stl10_keras.backprop import (  # noqa: E402
     BatchNormGradients,
     DagGradients,
     batch_norm_moments,
     batch_norm_train,
     dag_forward,
 )
-from stl10_keras.layers import ManualBatchNorm
+from stl10_keras.layers import ManualBatchNorm  # noqa: E402
 
 EPSILON = 1e-3  # ManualBatchNorm's default.
 FD_STEP = 1e-6
@@ -80,6 +161,7 @@ FLOAT32_TOLERANCE = 1e-6
 # Output rounding of a low-precision dtype is at most half its machine epsilon.
 LOW_PRECISION_EPS = {"float16": 2.0**-10, "bfloat16": 2.0**-7}
 STATS_TOLERANCE = 1e-5  # float32 statistics; float16 ones would be ~1e-3 off.
+MASKED_STEPS = 5  # Time steps of the masked (N, T, C) sequences.
 
 BnBackward = Callable[..., BatchNormGradients]
 DagBackward = Callable[..., DagGradients]
@@ -222,10 +304,18 @@ def weighted_sum(forward: Callable, dy: np.ndarray) -> Callable:
 # The forward passes written plainly (keras.ops, no custom gradient).
 
 
-def plain_mean(x, axes):
+def plain_mean(x, axes, w=None):
+    """Mean over `axes`; with a numpy mask `w`, over the positions where w = 1.
+
+    The mask's count is a constant (numpy), at least 1: a fully masked
+    batch's statistics are 0, as keras' BatchNormalization gives.
+    """
     # ops.mean would compute float64 in float32 on JAX and PyTorch.
-    m = int(np.prod([x.shape[a] for a in axes]))
-    return ops.sum(x, axis=axes, keepdims=True) / m
+    if w is None:
+        m = int(np.prod([x.shape[a] for a in axes]))
+        return ops.sum(x, axis=axes, keepdims=True) / m
+    m = np.maximum(np.sum(w, axis=axes, keepdims=True), 1.0)
+    return ops.sum(x * w, axis=axes, keepdims=True) / m
 
 
 def plain_dag(x1, x2):
@@ -242,16 +332,20 @@ def plain_bn_explicit(x, mu, var, gamma, beta, epsilon=EPSILON):
     return gamma * (x - mu) / ops.sqrt(var + epsilon) + beta
 
 
-def plain_bn_of_mu(x, mu, gamma, beta, axes, epsilon=EPSILON):
+def plain_bn_of_mu(x, mu, gamma, beta, axes, epsilon=EPSILON, w=None):
     """`g(x, mu) = f(x, mu, var(x, mu))`, `var(x, mu) = mean((x - mu)^2)`."""
-    var = plain_mean(ops.square(x - mu), axes)
+    var = plain_mean(ops.square(x - mu), axes, w)
     return plain_bn_explicit(x, mu, var, gamma, beta, epsilon)
 
 
-def plain_bn(x, gamma, beta, axes, epsilon=EPSILON):
-    """Batch norm of `x` in training mode, the whole forward pass."""
-    mu = plain_mean(x, axes)
-    return plain_bn_of_mu(x, mu, gamma, beta, axes, epsilon)
+def plain_bn(x, gamma, beta, axes, epsilon=EPSILON, w=None):
+    """Batch norm of `x` in training mode, the whole forward pass.
+
+    With a mask `w` the statistics are over the unmasked positions and every
+    position is normalised with them (keras' BatchNormalization).
+    """
+    mu = plain_mean(x, axes, w)
+    return plain_bn_of_mu(x, mu, gamma, beta, axes, epsilon, w)
 
 
 # --- Deliberately wrong backward passes (for --inject-bug and tests) ---------
@@ -262,6 +356,12 @@ def _bn_drop_dvar_term(dy, x, mean, var, gamma, epsilon, axes):
     g = backprop.batch_norm_backward(dy, x, mean, var, gamma, epsilon, axes)
     m = int(np.prod([ops.shape(x)[a] for a in axes]))
     return g._replace(dx=g.dx - g.dvar * 2.0 * (x - mean) / m)
+
+
+def _bn_mask_ignored(dy, x, mean, var, gamma, epsilon, axes, weights=None):
+    """The unmasked backward applied to a masked forward pass: every position
+    is treated as if it entered the statistics (m = all positions)."""
+    return backprop.batch_norm_backward(dy, x, mean, var, gamma, epsilon, axes)
 
 
 def _dag_ties_to_x1(dy, x1, x2):
@@ -276,8 +376,10 @@ def _dag_ties_to_x1(dy, x1, x2):
 
 INJECTABLE_BUGS: dict[str, tuple[str, Callable]] = {
     "drop-dvar-term": ("bn", _bn_drop_dvar_term),
+    "mask-ignored": ("masked_bn", _bn_mask_ignored),
     "ties-to-x1": ("dag", _dag_ties_to_x1),
 }
+assert tuple(sorted(INJECTABLE_BUGS)) == BUG_NAMES
 
 
 # --- The checks -------------------------------------------------------------
@@ -320,8 +422,15 @@ def check_batch_norm(
     layout: str,
     tol: float,
     backward: BnBackward,
+    mask: np.ndarray | None = None,
 ) -> list[CheckResult]:
-    """Every term of the batch-norm derivation against autodiff and FD."""
+    """Every term of the batch-norm derivation against autodiff and FD.
+
+    With `mask` (one dimension less than `shape`, 1 where a position enters
+    the statistics, keras' convention) the masked derivation is checked: the
+    backward pass gets the mask as `weights`, the references use the plain
+    masked forward pass.
+    """
     axes = tuple(range(len(shape) - 1))
     channels = shape[-1]
     bshape = (1,) * len(axes) + (channels,)
@@ -329,16 +438,27 @@ def check_batch_norm(
     gamma = rng.uniform(0.5, 1.5, channels)
     beta = rng.normal(size=channels)
     dy = rng.normal(size=shape)
-    mu = x.mean(axis=axes, keepdims=True)
-    var = ((x - mu) ** 2).mean(axis=axes, keepdims=True)
+    w = None if mask is None else np.broadcast_to(mask[..., None], shape) * 1.0
+    count = (float(np.prod([shape[a] for a in axes])) if w is None
+             else np.maximum(w.sum(axis=axes, keepdims=True), 1.0))
+
+    def np_mean(a):  # numpy mean over the positions that count
+        return (a if w is None else a * w).sum(axis=axes, keepdims=True) / count
+
+    mu = np_mean(x)
+    var = np_mean((x - mu) ** 2)
 
     t = ops.convert_to_tensor
-    mean_t, var_t = batch_norm_moments(t(x), axes)
-    g = backward(t(dy), t(x), mean_t, var_t, t(gamma.reshape(bshape)), EPSILON, axes)
+    masked = {} if w is None else {"weights": t(w)}
+    mean_t, var_t = batch_norm_moments(t(x), axes, **masked)
+    g = backward(t(dy), t(x), mean_t, var_t, t(gamma.reshape(bshape)), EPSILON, axes,
+                 **masked)
     g = {k: ops.convert_to_numpy(v) for k, v in g._asdict().items()}
 
-    whole = weighted_sum(lambda x_, g_, b_: plain_bn(x_, g_, b_, axes), dy)
-    of_mu = weighted_sum(lambda x_, m_: plain_bn_of_mu(x_, m_, gamma, beta, axes), dy)
+    whole = weighted_sum(lambda x_, g_, b_: plain_bn(x_, g_, b_, axes, w=w), dy)
+    of_mu = weighted_sum(
+        lambda x_, m_: plain_bn_of_mu(x_, m_, gamma, beta, axes, w=w), dy
+    )
     explicit = weighted_sum(
         lambda x_, m_, v_: plain_bn_explicit(x_, m_, v_, gamma, beta), dy
     )
@@ -358,9 +478,14 @@ def check_batch_norm(
         ("dE/dgamma", g["dgamma"], ad_whole[1], ad_y, whole, [x, gamma, beta], 1),
         ("dE/dbeta", g["dbeta"], ad_whole[2], ad_y, whole, [x, gamma, beta], 2),
     ]
+    # f's curvature in sigma^2 grows as (sigma^2 + eps)^-2: a fully masked
+    # batch (sigma^2 = 0) needs a step that small relative to eps, or the
+    # truncation error of the differences alone is ~6e-7.
+    var_step = FD_STEP * min(1.0, float(np.min(var)) + EPSILON)
     results = []
     for name, analytic, ref, ref_name, loss, inputs, wrt in terms:
-        fd = central_differences(loss, inputs, wrt)
+        step = var_step if name == "dE/dsigma^2" else FD_STEP
+        fd = central_differences(loss, inputs, wrt, step)
         results.append(compare(p + name, ref_name, analytic, ref, tol))
         results.append(compare(p + name, "central differences", analytic, fd, tol))
 
@@ -373,9 +498,9 @@ def check_batch_norm(
     ))
     # Off the mean the second term is not zero: check it, and dE/dmu, there.
     mu_off = mu + MU_SHIFT
-    var_off = ((x - mu_off) ** 2).mean(axis=axes, keepdims=True)
+    var_off = np_mean((x - mu_off) ** 2)
     g_off = backward(t(dy), t(x), t(mu_off), t(var_off), t(gamma.reshape(bshape)),
-                     EPSILON, axes)
+                     EPSILON, axes, **masked)
     ad_off_total = autodiff(of_mu, [x, mu_off])[1]
     ad_off_explicit = autodiff(explicit, [x, mu_off, var_off])[1]
     results += [
@@ -390,7 +515,7 @@ def check_batch_norm(
     # The wiring that ManualBatchNorm trains with: keras custom_gradient.
     def trained(x_, g_, b_):
         return batch_norm_train(x_, ops.reshape(g_, bshape), ops.reshape(b_, bshape),
-                                EPSILON, axes)[0]
+                                EPSILON, axes, **masked)[0]
 
     via_train = autodiff(weighted_sum(trained, dy), [x, gamma, beta])
     for name, got, ref in zip(("dx", "dgamma", "dbeta"), via_train, ad_whole):
@@ -498,6 +623,61 @@ def check_large_offset(rng: np.random.Generator, shape: tuple) -> list[CheckResu
     ]
 
 
+def sequence_mask(rng: np.random.Generator, batch: int) -> np.ndarray:
+    """A padding mask `(batch, MASKED_STEPS)`: each sequence keeps a random
+    length, the first all its steps and the last none (a fully padded one)."""
+    lengths = rng.integers(1, MASKED_STEPS + 1, size=batch)
+    lengths[0], lengths[-1] = MASKED_STEPS, 0
+    return (np.arange(MASKED_STEPS)[None, :] < lengths[:, None]).astype(np.float64)
+
+
+def check_masked_layer(
+    rng: np.random.Generator, mask: np.ndarray, channels: int, label: str
+) -> list[CheckResult]:
+    """`ManualBatchNorm(x, mask=...)` in float64 against numpy: the output and
+    the batch statistics (momentum 0) over the unmasked positions only."""
+    shape = mask.shape + (channels,)
+    x = rng.normal(2.0, 3.0, shape)
+    layer = ManualBatchNorm(epsilon=EPSILON, momentum=0.0, dtype="float64")
+    layer.build(shape)
+    gamma = rng.uniform(0.5, 1.5, channels)
+    beta = rng.normal(size=channels)
+    layer.gamma.assign(gamma)
+    layer.beta.assign(beta)
+    y = ops.convert_to_numpy(layer(x, training=True, mask=mask > 0))
+    unmasked = x[mask > 0]  # (number of unmasked positions, channels)
+    if len(unmasked):
+        mu, var = unmasked.mean(axis=0), unmasked.var(axis=0)
+    else:  # keras' BatchNormalization: statistics 0
+        mu = var = np.zeros(channels)
+    expected = gamma * (x - mu) / np.sqrt(var + EPSILON) + beta
+    stats = np.concatenate([layer.moving_mean.numpy(), layer.moving_variance.numpy()])
+    return [
+        compare(f"{label}: y (f64)", "numpy f64, unmasked statistics", y, expected,
+                FLOAT32_TOLERANCE),
+        compare(f"{label}: batch mean, sigma^2", "numpy f64 of unmasked x", stats,
+                np.concatenate([mu, var]), FLOAT32_TOLERANCE),
+    ]
+
+
+def check_masks(
+    rng: np.random.Generator,
+    batch: int,
+    channels: int,
+    tol: float,
+    backward: BnBackward,
+) -> list[CheckResult]:
+    """The masked derivation: padded sequences and a fully masked batch."""
+    shape = (batch, MASKED_STEPS, channels)
+    padded = sequence_mask(rng, batch)
+    nothing = np.zeros((batch, MASKED_STEPS))
+    results = []
+    for name, mask in (("masked (N,T,C)", padded), ("fully masked", nothing)):
+        results += check_batch_norm(rng, shape, name, tol, backward, mask=mask)
+        results += check_masked_layer(rng, mask, channels, f"{name} layer")
+    return results
+
+
 def naive_variance_error(rng: np.random.Generator, shape: tuple) -> float:
     """Relative error of `E[x^2] - mu^2` at a large offset (for contrast)."""
     axes = tuple(range(len(shape) - 1))
@@ -515,6 +695,7 @@ def run_checks(
     tolerance: float = 1e-6,
     bn_backward: BnBackward = backprop.batch_norm_backward,
     dag_backward: DagBackward = backprop.dag_backward,
+    masked_bn_backward: BnBackward = backprop.batch_norm_backward,
 ) -> list[CheckResult]:
     """Runs every check on seeded random inputs.
 
@@ -528,6 +709,9 @@ def run_checks(
             `backprop.batch_norm_backward`).
         dag_backward: the DAG backward pass under test (signature of
             `backprop.dag_backward`).
+        masked_bn_backward: the batch-norm backward pass the masked checks
+            run (it also takes `weights=`); padded sequences
+            `(batch, MASKED_STEPS, channels)` and a fully masked batch.
 
     Returns:
         One `CheckResult` per row.
@@ -544,6 +728,7 @@ def run_checks(
     results += check_batch_of_one(rng, channels)
     results += check_low_precision(rng, layouts[-1][1])
     results += check_large_offset(rng, layouts[-1][1])
+    results += check_masks(rng, batch, channels, tolerance, masked_bn_backward)
     return results
 
 
@@ -570,85 +755,30 @@ def format_table(results: Sequence[CheckResult]) -> str:
     return "\n".join(lines)
 
 
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer, got {text!r}"
-            ) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `python -m stl10_keras.gradcheck`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m stl10_keras.gradcheck",
-        description="Check the lab's hand-derived gradients (module DAG, batch "
-        "norm) against autodiff and central finite differences in float64.",
-    )
-    parser.add_argument("--seed", type=_int_at_least(0), default=0,
-                        help="input seed (default 0)")
-    parser.add_argument("--batch", type=_int_at_least(2), default=8,
-                        help="batch size m, at least 2; a batch of one (variance "
-                        "0) is an edge case checked separately (default 8)")
-    parser.add_argument("--channels", type=_int_at_least(1), default=3,
-                        help="channels (default 3)")
-    parser.add_argument("--height", type=_int_at_least(0), default=4,
-                        help="height of the conv-shaped (N, H, W, C) input; "
-                        "0 with --width 0 skips it (default 4)")
-    parser.add_argument("--width", type=_int_at_least(0), default=4,
-                        help="width of the conv-shaped input (default 4)")
-    parser.add_argument("--tolerance", type=_positive_float, default=1e-6,
-                        help="largest relative error of a float64 gradient "
-                        "check (default 1e-6)")
-    parser.add_argument("--inject-bug", choices=sorted(INJECTABLE_BUGS),
-                        help="replace a backward pass with a deliberately wrong "
-                        "one (drop-dvar-term: dE/dx without its dE/dsigma^2 "
-                        "term; ties-to-x1: max and min both route to x1 at a "
-                        "tie) and watch the checks fail")
-    return parser
-
-
 def main(
     argv: Sequence[str] | None = None,
     *,
     bn_backward: BnBackward | None = None,
     dag_backward: DagBackward | None = None,
+    masked_bn_backward: BnBackward | None = None,
 ) -> int:
     """Runs the checks and prints the table.
 
     Args:
         argv: command-line arguments (default `sys.argv[1:]`).
-        bn_backward: replaces `backprop.batch_norm_backward` (tests feed a
-            wrong gradient through it).
+        bn_backward: replaces `backprop.batch_norm_backward` in the unmasked
+            checks (tests feed a wrong gradient through it).
         dag_backward: replaces `backprop.dag_backward`.
+        masked_bn_backward: replaces `backprop.batch_norm_backward` in the
+            masked checks.
 
     Returns:
         0 when every check passes, 1 otherwise (argparse exits with 2 on a bad
         flag).
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if (args.height == 0) != (args.width == 0):
-        parser.error("--height and --width must both be positive, or both 0 to "
-                     "skip the conv-shaped input")
-    overrides = {"bn": bn_backward, "dag": dag_backward}
+    args = parse_args(argv)
+    overrides = {"bn": bn_backward, "dag": dag_backward,
+                 "masked_bn": masked_bn_backward}
     if args.inject_bug:
         kind, wrong = INJECTABLE_BUGS[args.inject_bug]
         overrides[kind] = wrong
@@ -658,6 +788,7 @@ def main(
             height=args.height, width=args.width, tolerance=args.tolerance,
             bn_backward=overrides["bn"] or backprop.batch_norm_backward,
             dag_backward=overrides["dag"] or backprop.dag_backward,
+            masked_bn_backward=overrides["masked_bn"] or backprop.batch_norm_backward,
         )
     except RuntimeError as error:
         print(f"gradcheck: {error}", file=sys.stderr)
@@ -668,6 +799,8 @@ def main(
     print(f"backend {keras.backend.backend()}, seed {args.seed}, dense x "
           f"({args.batch}, {args.channels}){conv if args.height else ''}, "
           f"epsilon {EPSILON:g}, float64 unless stated, FD step {FD_STEP:g}")
+    print(f"masked x ({args.batch}, {MASKED_STEPS}, {args.channels}) with a padding "
+          "mask (sequences of random lengths, one fully padded), and fully masked")
     print("E = sum(dE/dy * y), random dE/dy; "
           "rel err = max|analytic - reference| / max|reference|")
     if args.inject_bug:

@@ -1,5 +1,6 @@
 """Small file helpers: atomic writes, so an interrupted run never leaves half a file;
-and a quiet TensorFlow import, so a command's output starts with its own lines."""
+the check of a folder a command will write, made before any work; and a quiet
+TensorFlow import, so a command's output starts with its own lines."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
+
+from stl10_keras.config import ConfigError
 
 
 @contextlib.contextmanager
@@ -60,6 +63,58 @@ def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path) as f:
         return json.load(f)
+
+
+#: Test hook, not a user setting: `STL10_CRASH_AT=evaluation` makes a command
+#: kill itself with SIGKILL when it reaches that `crash_point` (a hard crash
+#: there, with no chance to clean up), so tests can check what a rerun does.
+CRASH_ENV = "STL10_CRASH_AT"
+
+
+def crash_point(name: str) -> None:
+    """Die here, as a `kill -9` would, when `CRASH_ENV` names this point (tests)."""
+    if os.environ.get(CRASH_ENV) == name:
+        import signal
+
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def check_output_dir(path: str | os.PathLike, flag: str) -> None:
+    """Refuse a folder a command will write that is a file or cannot be written.
+
+    Checked before any work (and before TensorFlow loads): a file or a read-only
+    place used to be found only when the run wrote its results or its export.
+    Writability is tried, not inferred from permission bits (which a read-only
+    mount or an administrator would pass), in the folder itself or, when it
+    does not exist yet, in the nearest folder above it that does.
+
+    Args:
+        path: the folder (it need not exist).
+        flag: the flag that named it, for the message.
+
+    Raises:
+        ConfigError: naming `flag` and the fix.
+    """
+    target = Path(path)
+    # os.path's tests, unlike Path's, are False (not an error) for a path
+    # whose folders cannot be searched; the write below then says why.
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ConfigError(f"{flag} {target} is a file, not a directory; pass "
+                          f"another {flag}.")
+    existing = target.absolute()
+    while not os.path.exists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing):
+        raise ConfigError(f"{flag} {target} cannot be created because {existing} "
+                          f"is a file; pass another {flag}.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {target} cannot be written ({existing}: "
+                          f"{e.strerror or e}); pass another {flag}.") from None
 
 
 # --- native start-up logs ---------------------------------------------------------

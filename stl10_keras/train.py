@@ -5,9 +5,12 @@ Run directory (one per run):
     RUN/config.json  metrics.json  model.keras  history.csv  logs/  backup/  figures/
 
 Rerunning the same command after an interruption resumes from the last
-completed epoch (keras BackupAndRestore); rerunning a finished run prints its
-results and does nothing (`--overwrite` starts it over). The command line is
-`stl10_keras.cli`; `--distribution` is `stl10_keras.distribute`.
+completed epoch (keras BackupAndRestore). Once the last epoch is trained its
+weights are kept in `RUN/final.weights.h5` (with `RUN/fit.json`) until
+`metrics.json` is written, so a run killed during evaluation, saving or export
+resumes at that step and never trains again. Rerunning a finished run prints
+its results and does nothing (`--overwrite` starts it over). The command line
+is `stl10_keras.cli`; `--distribution` is `stl10_keras.distribute`.
 """
 
 from __future__ import annotations
@@ -27,10 +30,19 @@ from typing import TYPE_CHECKING, Any
 from stl10_keras import config as cfg
 from stl10_keras import runtime
 from stl10_keras.config import Config, ConfigError
-from stl10_keras.io_utils import atomic_write_json, read_json
+from stl10_keras.io_utils import (atomic_output, atomic_write_json,
+                                  check_output_dir, crash_point, read_json)
 
 if TYPE_CHECKING:
     from stl10_keras.distribute import Distributed
+
+
+#: What a finished fit leaves until metrics.json is written: the trained
+#: weights, and what `_finish` needs besides them (throughput, k-means record).
+FINAL_WEIGHTS = "final.weights.h5"
+FIT_RECORD = "fit.json"
+#: The SavedModel version a run is exporting (its number is chosen once).
+EXPORT_RECORD = "export.json"
 
 
 class TrainingError(RuntimeError):
@@ -88,6 +100,7 @@ def train(
     splits=None,
     kmeans_result: dict | None = None,
     distribution: "Distributed | None" = None,
+    device_line: bool = True,
 ) -> dict[str, Any]:
     """Train, evaluate and export one run; resumable.
 
@@ -104,6 +117,8 @@ def train(
         distribution: from `distribute.setup` (None: one device). Process
             I > 0 of a multi-host job writes to `RUN/process_I/` and does not
             save `model.keras` or export.
+        device_line: print the devices training uses first (when `verbose`);
+            a caller that trains many runs says it once itself.
 
     Returns:
         The metrics dict also written to `RUN/metrics.json`.
@@ -126,13 +141,15 @@ def train(
     atomic_write_json(run.dir / "config.json", config.to_dict())
 
     keras = runtime.load_keras()
-    if verbose:
+    if verbose and device_line:
         print(f"training on {runtime.device_summary(dist.devices)}")
     keras.utils.set_random_seed(config.train.seed)
     keras.mixed_precision.set_global_policy(
         "mixed_bfloat16" if config.train.mixed_precision else "float32"
     )
-    fitted = _fit(config, run, splits, kmeans_result, verbose)
+    fitted = _load_fitted(config, run, splits, verbose)
+    if fitted is None:
+        fitted = _fit(config, run, splits, kmeans_result, verbose)
     return _finish(config, run, splits, fitted, wall0)
 
 
@@ -184,9 +201,9 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     if not dist.is_chief:
         export_dir = None
     run_dir = dist.run_dir(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--run-dir {run_dir} is a file, not a directory; pass "
-                          "another --run-dir.")
+    check_output_dir(run_dir, "--run-dir")
+    if export_dir is not None:
+        check_output_dir(export_dir, "--export-dir")
     if overwrite and run_dir.exists():
         _remove_run(run_dir, keep_process_dirs=dist.processes > 1)
     run = _Run(run_dir, export_dir, dist, has_tf)
@@ -201,6 +218,7 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
             )
     if (run_dir / "metrics.json").exists():
         run.finished = read_run_json(run_dir / "metrics.json")
+        _remove_resume_files(run_dir)  # left by a kill just after metrics.json
     return run
 
 
@@ -231,8 +249,11 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
             augmentation = _augmentation_layer(config, splits, run.dir)
         training_model = build_training_model(model, augmentation)
         compile_training_model(training_model, t)
-        backup = keras.callbacks.BackupAndRestore(str(backup_dir),
-                                                  double_checkpoint=True)
+        # Kept when fit returns (keras deletes it by default, in
+        # on_train_end): it is the last epoch's state until the final
+        # weights are on disk (`_keep_final`).
+        backup = keras.callbacks.BackupAndRestore(
+            str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
         first_epoch = cb.restore_backup(backup, training_model)
         # One stream of the epochs still to train, each epoch's order drawn
         # from (seed, epoch): a resumed run gets the batches of an
@@ -267,25 +288,60 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
     history = _read_history(history_path)
     if not history or not math.isfinite(history[-1].get("loss", math.nan)) \
             or len(history) < t.epochs:
+        shutil.rmtree(backup_dir, ignore_errors=True)  # nothing worth resuming
         raise TrainingError(
             f"Training diverged (the loss became NaN or inf) with learning rate "
             f"{t.learning_rate}; rerun with a lower --learning-rate and --overwrite."
         )
-    return _Fitted(model, history, throughput.images_per_sec(), kmeans_info,
-                   resuming)
+    # Evaluation, saving and export use an ordinary one-device copy.
+    model = dist.local_copy(model, lambda: build_model(config, splits.image_shape))
+    fitted = _Fitted(model, history, throughput.images_per_sec(), kmeans_info,
+                     resuming)
+    _keep_final(run.dir, fitted)
+    return fitted
+
+
+def _keep_final(run_dir: Path, fitted: _Fitted) -> None:
+    """Save the trained weights for `_finish`, then drop the epoch backup.
+
+    The weights first, the record second (both atomic), the backup last: a
+    kill at any moment leaves either the backup or the final weights.
+    """
+    with atomic_output(run_dir / FINAL_WEIGHTS, suffix=".weights.h5") as tmp:
+        fitted.model.save_weights(tmp)
+    atomic_write_json(run_dir / FIT_RECORD, {
+        "images_per_sec": fitted.images_per_sec,
+        "kmeans_info": fitted.kmeans_info,
+        "resumed": fitted.resumed,
+    })
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+
+
+def _load_fitted(config: Config, run: _Run, splits, verbose: int) -> _Fitted | None:
+    """A run killed after its last epoch: its final weights (None: not trained yet)."""
+    weights, record = run.dir / FINAL_WEIGHTS, run.dir / FIT_RECORD
+    if not (weights.exists() and record.exists()):
+        return None
+    from stl10_keras.model import build_model
+
+    info = read_run_json(record)
+    model = build_model(config, splits.image_shape)
+    model.load_weights(weights)
+    if verbose:
+        print(f"{run.dir} finished training before it was interrupted; "
+              "evaluating and exporting its final weights.")
+    return _Fitted(model, _read_history(run.dir / "history.csv"),
+                   info["images_per_sec"], info["kmeans_info"], info["resumed"])
 
 
 def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
             wall0: float) -> dict[str, Any]:
     """Evaluate, save `model.keras` and the figures, export, write metrics.json."""
-    from stl10_keras.model import build_model
     from stl10_keras.visualize import filters_figure
 
-    dist = run.dist
-    # Evaluation, saving and export use an ordinary one-device copy.
-    model = dist.local_copy(fitted.model,
-                            lambda: build_model(config, splits.image_shape))
+    dist, model = run.dist, fitted.model
     val_accuracy = _accuracy(model, splits.x_val, splits.y_val)
+    crash_point("evaluation")
     test_accuracy = _accuracy(model, splits.x_test, splits.y_test)
     model_path = run.dir / "model.keras"
     if dist.is_chief:
@@ -296,8 +352,8 @@ def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
 
     exported = None
     if run.export_dir is not None:
-        exported = str(_export(model, model_path, run.export_dir,
-                               splits.class_names))
+        exported = str(_export_once(model, model_path, run,
+                                    splits.class_names))
     kmeans_info = fitted.kmeans_info
     metrics = {
         "val_accuracy": val_accuracy,
@@ -311,13 +367,20 @@ def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
         "kmeans_seconds": kmeans_info["kmeans_seconds"] if kmeans_info else None,
         "kmeans": kmeans_info["layers"] if kmeans_info else None,
         "data": splits.summary(),
+        "class_names": list(splits.class_names),  # for `stl10_keras.export`
         "export_path": exported,
         **dist.record(),
     }
     atomic_write_json(run.dir / "metrics.json", metrics)
-    # The backup is only for resuming an unfinished run.
-    shutil.rmtree(run.dir / "backup", ignore_errors=True)
+    _remove_resume_files(run.dir)
     return metrics
+
+
+def _remove_resume_files(run_dir: Path) -> None:
+    """What only an unfinished run needs: the backup, final weights, records."""
+    shutil.rmtree(run_dir / "backup", ignore_errors=True)
+    for name in (FINAL_WEIGHTS, FIT_RECORD, EXPORT_RECORD):
+        (run_dir / name).unlink(missing_ok=True)
 
 
 def _cpu_augmentation(config: Config, splits, run_dir: Path):
@@ -359,10 +422,21 @@ def _read_history(path: Path) -> list[dict[str, float]]:
 
 
 def _accuracy(model, images, labels, batch_size: int = 256) -> float:
+    """Top-1 accuracy, from eager forward passes in batches.
+
+    Not `model.predict`: every run's new model traces a new predict function,
+    and TensorFlow counts those traces across models (by the function's code),
+    so an ablation's fifth run in one process printed retracing warnings.
+    """
+    import keras
     import numpy as np
 
-    logits = model.predict(images, batch_size=batch_size, verbose=0)
-    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+    predicted = [
+        np.argmax(keras.ops.convert_to_numpy(
+            model(images[i:i + batch_size].astype(np.float32), training=False)),
+            axis=-1)
+        for i in range(0, len(labels), batch_size)]
+    return float(np.mean(np.concatenate(predicted) == labels))
 
 
 def read_run_json(
@@ -394,7 +468,29 @@ def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:
             entry.unlink()
 
 
-def _export(model, model_path: Path, export_dir, class_names) -> Path:
+def _export_once(model, model_path: Path, run: _Run, class_names) -> Path:
+    """Export the run's SavedModel version; after a kill, the same version.
+
+    The version number is recorded in the run before the export starts, so a
+    rerun finds a version that was renamed into place before the kill (and
+    keeps it), or exports that version again over its temporary folder,
+    instead of adding a second version of the same model.
+    """
+    from stl10_keras.export import next_version
+
+    base, record = Path(run.export_dir), run.dir / EXPORT_RECORD
+    pending = read_run_json(record) if record.exists() else None
+    if pending is not None and pending["export_dir"] == str(base):
+        version = pending["version"]
+        if (base / str(version) / "saved_model.pb").is_file():
+            return base / str(version)
+    else:
+        version = next_version(base)
+        atomic_write_json(record, {"export_dir": str(base), "version": version})
+    return _export(model, model_path, base, class_names, version)
+
+
+def _export(model, model_path: Path, export_dir, class_names, version: int) -> Path:
     """Export the SavedModel; under another backend, from model.keras in TensorFlow.
 
     The export graph (serving signatures, image decoding) is TensorFlow, so a
@@ -406,16 +502,17 @@ def _export(model, model_path: Path, export_dir, class_names) -> Path:
     from stl10_keras import export
 
     if keras.backend.backend() == "tensorflow":
-        return export.export_saved_model(model, export_dir, class_names)
+        return export.export_saved_model(model, export_dir, class_names, version)
     package_root = str(Path(export.__file__).resolve().parents[1])
     env = dict(os.environ, KERAS_BACKEND="tensorflow",
                PYTHONPATH=os.pathsep.join(
                    p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
     script = ("import sys; from stl10_keras.export import export_keras_file; "
-              "print(export_keras_file(sys.argv[1], sys.argv[2], sys.argv[3:]))")
+              "print(export_keras_file(sys.argv[1], sys.argv[2], sys.argv[4:], "
+              "int(sys.argv[3])))")
     proc = subprocess.run(
         [sys.executable, "-c", script, str(model_path), str(export_dir),
-         *class_names], env=env, capture_output=True, text=True)
+         str(version), *class_names], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         raise TrainingError(

@@ -88,6 +88,9 @@ def test_interrupted_ablation_trains_only_the_missing_runs(smoke):
     # ... and the missing ones were trained (the interrupted one resumed).
     missing = [v for v in VARIANTS if v not in killed["finished"]]
     assert missing and set(now) == set(VARIANTS)
+    # One device line for the ablation, not one per run; no retracing warnings.
+    assert out.count("training on ") == 1, out
+    assert "retracing" not in smoke["resumed"].stderr, smoke["resumed"].stderr
     for variant in missing:
         assert re.search(rf"\({variant}\), seed 0: (training|resuming) ->", out)
         assert not (smoke["dir"] / f"{variant}_s0" / "backup").exists()
@@ -220,6 +223,26 @@ def test_bad_flags_say_one_sentence_and_exit_2(flags, needle, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and needle in err
     assert err.count("\n") == 1 and not any(tmp_path.iterdir())
+
+
+def test_help_lists_no_flag_that_the_ablation_refuses():
+    # --variant, --seed and --augment/--no-augment are train's flags, refused
+    # here; --help used to list them as ordinary flags.
+    proc = _cli("--help")
+    assert proc.returncode == 0
+    listed = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", proc.stdout))
+    assert not listed & {"--variant", "--seed", "--augment", "--no-augment"}
+    assert {"--seeds", "--augment-on", "--epochs", "--run-dir"} <= listed
+
+
+def test_a_run_dir_that_is_a_file_is_refused_before_any_work(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    assert ablation.main([*SMOKE, "--run-dir", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: --run-dir {mine} is a file, not a directory; pass "
+                   "another --run-dir.\n")
+    assert mine.read_text() == "mine"
 
 
 def test_bad_flag_from_the_command_line_has_no_traceback(tmp_path):

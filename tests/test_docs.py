@@ -24,6 +24,7 @@ COMMANDS = {
     "serve": ("stl10_keras.serve", "docs/serving.md"),
     "predict": ("stl10_keras.predict", "docs/serving.md"),
     "pipelines.run": ("pipelines.run", "docs/pipeline.md"),
+    "export": ("stl10_keras.export", "docs/export.md"),
 }
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 

@@ -152,3 +152,126 @@ def test_serving_bytes_matches_serving_default_on_independently_decoded_images(
     decoded = decode_image_bytes(tf.constant(jpeg), 32, 32).numpy().astype(int)
     assert decoded.shape == (32, 32, 3)
     assert np.abs(decoded - pillow).mean() < 2 and np.abs(decoded - pillow).max() <= 16
+
+
+def test_a_stale_temporary_folder_is_replaced_not_left_behind(trained_model,
+                                                              tmp_path):
+    # What an export killed before its rename leaves (SIGKILL runs no cleanup).
+    base = tmp_path / "m"
+    stale = base / ".tmp-1"
+    (stale / "variables").mkdir(parents=True)
+    (stale / "saved_model.pb").write_bytes(b"half written")
+    path = export_saved_model(trained_model, base, CLASSES)
+    assert path == base / "1" and sorted(p.name for p in base.iterdir()) == ["1"]
+    assert (path / "saved_model.pb").read_bytes() != b"half written"
+
+
+# --- python -m stl10_keras.export ------------------------------------------------
+
+def _finished_run(model, run, class_names=CLASSES, export_path=None):
+    """What a finished training run leaves that the export command reads."""
+    run.mkdir()
+    model.save(run / "model.keras")
+    (run / "metrics.json").write_text(json.dumps(
+        {"class_names": class_names, "export_path": export_path}))
+    return run
+
+
+def _export_cli(*args):
+    return subprocess.run([sys.executable, "-m", "stl10_keras.export", *args],
+                          cwd=ROOT, env=subprocess_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_export_command_adds_the_next_version_equal_to_model_keras(trained_model,
+                                                                   tmp_path):
+    run = _finished_run(trained_model, tmp_path / "run")
+    base = tmp_path / "models"
+    export_saved_model(trained_model, base, CLASSES)  # version 1 is taken
+    proc = _export_cli("--run-dir", str(run), "--export-dir", str(base))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"SavedModel: {base / '2'}" in proc.stdout
+    assert sorted(p.name for p in base.iterdir()) == ["1", "2"]
+    assert (base / "2" / CLASS_NAMES_FILE).read_text().splitlines() == CLASSES
+    # Reloaded in a fresh process: both signatures against model.keras itself.
+    images = np.random.default_rng(3).integers(0, 256, (5, 32, 32, 3)).astype("uint8")
+    np.save(tmp_path / "images.npy", images)
+    script = textwrap.dedent(f"""
+        import io, json, numpy as np, tensorflow as tf
+        from PIL import Image
+        from stl10_keras.model import load_model
+        images = np.load({str(tmp_path / "images.npy")!r})
+        logits = load_model({str(run / "model.keras")!r}).predict(
+            images.astype("float32"), verbose=0)
+        signatures = tf.saved_model.load({str(base / "2")!r}).signatures
+        default = signatures["serving_default"](images=tf.constant(images))
+        pngs = []
+        for image in images:
+            buffer = io.BytesIO()
+            Image.fromarray(image).save(buffer, "PNG")
+            pngs.append(buffer.getvalue())
+        encoded = signatures["serving_bytes"](image_bytes=tf.constant(pngs))
+        print(json.dumps({{"logits": logits.tolist(),
+            "default": default["probabilities"].numpy().tolist(),
+            "bytes": encoded["probabilities"].numpy().tolist(),
+            "names": [n.decode() for n in default["class_names"].numpy()]}}))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT,
+                         env=subprocess_env(), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    logits = np.array(got["logits"])
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    np.testing.assert_allclose(got["default"], probs, atol=1e-5)
+    np.testing.assert_allclose(got["bytes"], probs, atol=1e-5)
+    assert got["names"] == [CLASSES[i] for i in probs.argmax(1)]
+
+
+def test_export_command_defaults_to_the_runs_own_base_path(trained_model, tmp_path,
+                                                           monkeypatch):
+    from stl10_keras.export import run_export_inputs
+
+    base = tmp_path / "saved" / "digits"
+    run = _finished_run(trained_model, tmp_path / "run",
+                        export_path=str(base / "3"))
+    assert run_export_inputs(run, None) == (run / "model.keras", base, CLASSES)
+    # A run trained with --no-export: saved_models/ and the run dir's name.
+    other = _finished_run(trained_model, tmp_path / "digits_s0")
+    monkeypatch.chdir(tmp_path)
+    assert run_export_inputs(other, None)[1] == Path("saved_models") / "digits_s0"
+
+
+def test_export_command_refuses_a_bad_run_dir_in_one_sentence(trained_model,
+                                                              tmp_path, capsys):
+    from stl10_keras.export import main
+
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.json").write_text("{}")
+    nameless = _finished_run(trained_model, tmp_path / "nameless", class_names=None)
+    finished = _finished_run(trained_model, tmp_path / "run")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    cases = [
+        (["--run-dir", str(tmp_path / "nowhere")], 2, "is not a directory"),
+        (["--run-dir", str(a_file)], 2, "is not a directory"),
+        (["--run-dir", str(unfinished)], 1,
+         "holds no finished run (no model.keras or metrics.json)"),
+        (["--run-dir", str(nameless)], 1, "does not record the class names"),
+        (["--run-dir", str(finished), "--export-dir", str(a_file)], 2,
+         f"--export-dir {a_file} is a file"),
+    ]
+    for argv, code, needle in cases:
+        assert main(argv) == code, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert needle in err, err
+    assert a_file.read_text() == "mine"
+
+
+def test_export_command_help_lists_its_flags():
+    proc = _export_cli("--help")
+    assert proc.returncode == 0 and "--run-dir" in proc.stdout
+    assert "--export-dir" in proc.stdout

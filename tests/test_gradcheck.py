@@ -121,3 +121,54 @@ def test_central_differences_and_autodiff_of_a_known_function():
     np.testing.assert_allclose(gradcheck.central_differences(loss, [x], 0), expected,
                                rtol=1e-7, atol=1e-9)
     np.testing.assert_allclose(gradcheck.autodiff(loss, [x])[0], expected, rtol=1e-12)
+
+
+def test_masked_rows_fail_only_with_a_backward_that_ignores_the_mask(capsys):
+    argv = SMALL + ["--inject-bug", "mask-ignored"]
+    assert gradcheck.main(argv) == 1
+    out = capsys.readouterr().out
+    failed = [line for line in out.splitlines() if line.endswith("FAIL")]
+    # dE/dx and dE/dmu, against autodiff and central differences, for the
+    # padded sequences and for the fully masked batch.
+    for layout in ("BN masked (N,T,C) ", "BN fully masked "):
+        for reference in ("autodiff", "central differences"):
+            assert any(line.startswith(layout + "dE/dx ") and reference in line
+                       for line in failed), out
+    assert all(line.startswith(("BN masked", "BN fully masked")) for line in failed)
+
+
+def test_masked_rows_pass_with_the_library_backward(capsys):
+    assert gradcheck.main(SMALL[:4] + ["--height", "0", "--width", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "BN fully masked dE/dx " in out and "fully masked layer: y" in out
+    assert "BN masked (N,T,C) dE/dsigma^2" in out
+
+
+# `python -m stl10_keras.gradcheck ...` with any import of keras or a backend
+# an ImportError: the flags must be answered before those load.
+NO_KERAS = """
+import runpy, sys
+HEAVY = {"keras", "tensorflow", "jax", "torch"}
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in HEAVY:
+            raise ImportError(f"{name} imported before the flags were checked")
+sys.meta_path.insert(0, Refuse())
+sys.argv = ["gradcheck", *sys.argv[1:]]
+runpy.run_module("stl10_keras.gradcheck", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["--batch", "1"], 2, "error: argument --batch: must be at least 2"),
+    (["--height", "0"], 2, "error: --height and --width must both be positive"),
+    (["--inject-bug", "nope"], 2, "error: argument --inject-bug: invalid choice"),
+    (["--help"], 0, "--inject-bug {drop-dvar-term,mask-ignored,ties-to-x1}"),
+])
+def test_flags_are_answered_before_keras_loads(argv, code, needle):
+    proc = subprocess.run([sys.executable, "-c", NO_KERAS, *argv], cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert needle in (proc.stderr if code else proc.stdout)

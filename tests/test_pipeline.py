@@ -407,3 +407,16 @@ def test_missing_stl10_is_the_only_line_on_stderr_of_the_command(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: ExampleGen failed: STL-10 is not on disk")
+
+
+def test_help_gives_the_default_paths_with_their_preset_part():
+    # It used to say runs/pipelines/DATASET_VARIANT_sSEED, while a smoke or
+    # paper run goes to ..._smoke_s0 / ..._paper_s0.
+    from pipelines.run import build_parser
+    from stl10_keras.cli import default_run_name
+    from stl10_keras.config import preset
+
+    text = " ".join(build_parser().format_help().split())
+    assert "runs/pipelines/DATASET_VARIANT[_PRESET]_sSEED" in text
+    assert "saved_models/DATASET_VARIANT[_PRESET]_sSEED" in text
+    assert default_run_name(preset("smoke", "digits")) == "digits_kmeans12_smoke_s0"

@@ -15,10 +15,10 @@ from stl10_keras.config import Config, ConfigError, preset
 from stl10_keras.cli import build_train_parser as build_parser, config_from_args
 
 
-def _cli(*args, timeout=600):
+def _cli(*args, timeout=600, **env):
     return subprocess.run(
         [sys.executable, "-m", "stl10_keras.train", *args], cwd=ROOT,
-        env=subprocess_env(), capture_output=True, text=True, timeout=timeout,
+        env=subprocess_env(**env), capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -71,6 +71,17 @@ def test_variants_set_augmentation_and_kmeans_stages():
     (["--val-per-class=-1"], "--val-per-class"),
     (["--kmeans-images", "0"], "--kmeans-images"),
     (["--kmeans-patches-per-image", "0"], "--kmeans-patches-per-image"),
+    # Non-finite values used to train an epoch (NaN) or for ever (inf) first.
+    (["--learning-rate", "nan"], "--learning-rate"),
+    (["--learning-rate", "inf"], "--learning-rate"),
+    (["--lr-decay", "nan"], "--lr-decay"),
+    (["--lr-decay", "inf"], "--lr-decay"),
+    (["--weight-decay", "nan"], "--weight-decay"),
+    (["--weight-decay", "inf"], "--weight-decay"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--momentum", "inf"], "--momentum"),
+    (["--scale-range", "1.0,inf"], "--scale-range"),
+    (["--data-dir", "data"], "--data-dir is not used by --dataset digits"),
 ])
 def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
     args = build_parser().parse_args(["--dataset", "digits", *flags])
@@ -195,6 +206,9 @@ def test_a_finished_run_with_another_config_is_refused_not_reported(tmp_path, ca
     assert main(flags) == 0
     out = capsys.readouterr().out
     assert "already holds a finished run" in out and "test accuracy 0.2500" in out
+    assert out.splitlines()[-3:] == [  # what to try next (no SavedModel yet)
+        "next:", f"  tensorboard --logdir {run / 'logs'}",
+        f"  python -m stl10_keras.export --run-dir {run}"]
 
 
 @pytest.mark.parametrize("name", ["config.json", "metrics.json"])
@@ -239,6 +253,91 @@ def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert path.read_text() == "mine"
 
 
+def _refusal_before_tensorflow(*flags):
+    """Run train's main in a fresh process: (exit code, stderr, TF imported)."""
+    script = ("import sys; from stl10_keras.cli import main; rc = main(sys.argv[1:]); "
+              "print(rc, 'tensorflow' in sys.modules, 'keras' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script, *flags], cwd=ROOT,
+                          env=subprocess_env(), capture_output=True, text=True,
+                          timeout=120)
+    rc, tf_loaded, keras_loaded = proc.stdout.split()[-3:]
+    return int(rc), proc.stderr, tf_loaded == "True" or keras_loaded == "True"
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--learning-rate", "nan"], "--learning-rate must be a positive finite"),
+    (["--lr-decay", "inf"], "--lr-decay must be a finite number"),
+    (["--momentum", "nan"], "--momentum"),
+    (["--data-dir", "/data"], "--data-dir is not used by --dataset digits"),
+])
+def test_non_finite_values_are_refused_before_tensorflow_loads(tmp_path, flags,
+                                                               needle):
+    rc, err, loaded = _refusal_before_tensorflow(
+        "--dataset", "digits", *flags, "--run-dir", str(tmp_path / "run"))
+    assert rc == 2 and not loaded
+    assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--export-dir", "--run-dir"])
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, flag,
+                                                                 where):
+    # --export-dir naming a file used to train the whole run, then end in a
+    # FileExistsError traceback (and, on each rerun, train again).
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    path = mine if where == "file" else mine / "sub"
+    dirs = {"--run-dir": str(tmp_path / "run"), "--export-dir": str(tmp_path / "e")}
+    dirs[flag] = str(path)
+    rc, err, loaded = _refusal_before_tensorflow(
+        "--dataset", "digits", "--preset", "smoke",
+        *(x for item in dirs.items() for x in item))
+    assert rc == 2 and not loaded
+    want = "is a file, not a directory" if where == "file" else \
+        f"because {mine} is a file"
+    assert err.startswith(f"error: {flag} {path}") and want in err, err
+    assert err.count("\n") == 1 and mine.read_text() == "mine"
+    assert not (tmp_path / "run").exists()
+
+
+def _without_root_file_access():
+    """In the child: drop root's power to ignore file modes (Linux capabilities).
+
+    CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH leave the bounding set, so the
+    command, run as root, meets a read-only folder as any user would.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused(tmp_path):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    export = readonly / "models" / "digits"
+    try:
+        script = ("import sys; from stl10_keras.cli import main; "
+                  "sys.exit(main(sys.argv[1:]))")
+        proc = subprocess.run(
+            [sys.executable, "-c", script, "--dataset", "digits", "--preset", "smoke",
+             "--run-dir", str(tmp_path / "run"), "--export-dir", str(export)],
+            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+            timeout=120,
+            preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    finally:
+        readonly.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (f"error: --export-dir {export} cannot be written "
+                           f"({readonly}: Permission denied); pass another "
+                           "--export-dir.\n")
+    assert not (tmp_path / "run").exists()
+
+
 # --- end to end -----------------------------------------------------------------
 
 @pytest.mark.e2e
@@ -253,6 +352,8 @@ def test_smoke_run_end_to_end(tmp_path):
                 "wall_seconds"):
         assert key in metrics
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    # What `python -m stl10_keras.export` names the classes with.
+    assert metrics["class_names"] == [str(i) for i in range(10)]
     config = Config.from_json((run / "config.json").read_text())
     assert config.model.widths == (8, 16, 16, 32, 32)
     # The device line names what TensorFlow sees (its CUDA start-up errors are
@@ -285,6 +386,11 @@ def test_smoke_run_end_to_end(tmp_path):
     diff, accuracy = map(float, out.stdout.split()[-2:])
     assert diff < 1e-5
     assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
+    # It ends with what to try next, on this run's paths.
+    assert proc.stdout.splitlines()[-4:] == [
+        "next:", f"  tensorboard --logdir {run / 'logs'}",
+        f"  python -m stl10_keras.serve --model-base-path {export}",
+        f"  python -m stl10_keras.predict --model {export} IMAGE.png"]
     # Rerunning a finished run does nothing and says so.
     again = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
                  "--epochs", "2", "--run-dir", str(run), "--export-dir", str(export))
@@ -403,3 +509,90 @@ def test_default_variant_kmeans12_writes_the_figures_and_kmeans_record(tmp_path)
     tags = set(events.Tags()["tensors"])
     assert {"figure3_augmentation", "figure1_kmeans_centroids_3x3",
             "figure2_filters_stage1"} <= tags
+
+
+def _served_probabilities(version_dir, images):
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(version_dir)).signatures["serving_default"]
+    return fn(images=tf.constant(images))["probabilities"].numpy()
+
+
+@pytest.mark.e2e
+def test_a_run_killed_after_its_last_epoch_is_not_trained_again(tmp_path):
+    # keras' BackupAndRestore deletes backup/ when fit returns, so a run killed
+    # during evaluation or export used to train again from epoch 1, append a
+    # second history to history.csv and leave its .tmp-* export folder forever.
+    args = ["--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+            "--epochs", "2", "--verbose", "2"]
+    whole_run, whole_export = tmp_path / "whole", tmp_path / "whole_export"
+    proc = _cli(*args, "--run-dir", str(whole_run), "--export-dir", str(whole_export))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run, export = tmp_path / "run", tmp_path / "export"
+    flags = [*args, "--run-dir", str(run), "--export-dir", str(export)]
+    # Killed (SIGKILL) during evaluation; the rerun is killed during the export,
+    # after writing the SavedModel's temporary folder and before renaming it.
+    for step, trains in (("evaluation", True), ("export", False)):
+        proc = _cli(*flags, STL10_CRASH_AT=step)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+        assert ("Epoch 1/2" in proc.stdout) == trains, proc.stdout
+        assert not (run / "metrics.json").exists()
+    assert sorted(p.name for p in export.iterdir()) == [".tmp-1"]
+    proc = _cli(*flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch" not in proc.stdout and "final weights" in proc.stdout
+    # No epoch was trained again: one history, no second set of rows.
+    with open(run / "history.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    assert sorted(p.name for p in export.iterdir()) == ["1"]  # temp folder reused
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        p.name for p in whole_run.iterdir())  # nothing left for resuming
+    got = json.loads((run / "metrics.json").read_text())
+    want = json.loads((whole_run / "metrics.json").read_text())
+    assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-9)
+    assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)
+    assert [h.keys() for h in got["history"]] == [h.keys() for h in want["history"]]
+    for g, w in zip(got["history"], want["history"]):
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), (g, key)
+    # The SavedModel serves what the uninterrupted run's does.
+    from stl10_keras.data import load_splits
+
+    images = load_splits("digits", seed=0).x_val
+    np.testing.assert_allclose(_served_probabilities(export / "1", images),
+                               _served_probabilities(whole_export / "1", images),
+                               atol=1e-6)
+    # A finished run's rerun still does nothing.
+    again = _cli(*flags)
+    assert again.returncode == 0 and "already holds a finished run" in again.stdout
+
+
+def test_accuracy_of_many_runs_in_one_process_warns_of_no_retracing(caplog):
+    # An ablation evaluates a new model per run; through model.predict the
+    # fifth one made TensorFlow warn about tf.function retracing.
+    import logging
+
+    import keras
+
+    from stl10_keras.model import build_model
+    from stl10_keras.train import _accuracy
+
+    rng = np.random.default_rng(0)
+    config = preset("smoke", "digits")
+    config.model.widths, config.model.fc_units = (4, 4), 8
+    config.model.convs_per_stage = (1, 1)
+    caplog.set_level(logging.WARNING)
+    evaluated = []
+    for run in range(6):
+        keras.backend.clear_session()
+        model = build_model(config, (32, 32, 3))
+        for n in (200, 300):  # a validation and a test split, partial batches
+            images = rng.integers(0, 256, (n, 32, 32, 3)).astype("uint8")
+            labels = rng.integers(0, 10, n)
+            got = _accuracy(model, images, labels, batch_size=128)
+            evaluated.append((model, images, labels, got))
+    assert "retracing" not in caplog.text
+    # The accuracies are keras' own predictions' (checked after: predict warns).
+    for model, images, labels, got in evaluated:
+        logits = model.predict(images.astype("float32"), verbose=0)
+        assert got == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-12)
