@@ -72,7 +72,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                    help="labeled images per class held out for validation")
     g.add_argument("--labeled-per-class", type=int, default=None,
                    help="fashion_mnist: labeled training images per class, drawn "
-                        "by --seed (default 500, as STL-10); the rest are unlabeled")
+                        "by the seed (default 500, as STL-10); the rest are "
+                        "unlabeled")
     g.add_argument("--image-size", type=_size, default=None, metavar="H,W",
                    help="resize every image to H,W (or N for NxN); a folder of "
                         "images of different sizes needs it")
