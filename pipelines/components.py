@@ -223,14 +223,17 @@ def example_gen(
     num_shards: int = 4,
     download: bool = True,
     progress: bool = True,
+    labeled_per_class: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
 ) -> dict[str, Any]:
     """Materialise a dataset's four splits as sharded, gzipped TFRecord files.
 
     Args:
         output_dir: the artifact folder being written.
-        dataset, data_dir, val_per_class, seed, download: as
-            `stl10_keras.data.load_splits` (the seed fixes the train/validation
-            split).
+        dataset, data_dir, val_per_class, seed, download, labeled_per_class,
+            image_size, channels: as `stl10_keras.data.load_splits` (the seed
+            fixes the train/validation split).
         num_shards: files per split.
         progress: show a progress bar over all images.
 
@@ -243,7 +246,10 @@ def example_gen(
     from stl10_keras.data import load_splits
 
     output_dir = Path(output_dir)
-    splits = load_splits(dataset, data_dir, val_per_class, seed, download)
+    splits = load_splits(dataset, data_dir, val_per_class, seed, download,
+                         labeled_per_class=labeled_per_class,
+                         image_size=tuple(image_size) if image_size else None,
+                         channels=channels)
     num_unlabeled = splits.num_unlabeled
     if num_unlabeled is None:  # a source that does not say: count the stream once
         num_unlabeled = sum(len(b) for b in splits.unlabeled_batches(_BATCH))
@@ -332,8 +338,9 @@ def load_examples(examples: Artifact):
         if not num_unlabeled:
             raise DataUnavailableError(
                 f"The Examples artifact {examples.uri} has no unlabeled images, which "
-                "the k-means variants need; give ExampleGen the full STL-10 "
-                "(unlabeled_X.bin) or pick --variant baseline or augment.")
+                "the k-means variants need; give ExampleGen a dataset with unlabeled "
+                "images (STL-10's unlabeled_X.bin, a folder's unlabeled/) or pick "
+                "--variant baseline or augment.")
         for images, _ in read_split_batches(examples, "unlabeled", batch_size):
             yield images
 

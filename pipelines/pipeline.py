@@ -32,7 +32,7 @@ from typing import Any, Callable
 
 from pipelines import components as c
 from stl10_keras.config import Config, ConfigError
-from stl10_keras.data import DEFAULT_VAL_PER_CLASS
+from stl10_keras.data import default_val_per_class, source_files_signature
 from stl10_keras.io_utils import atomic_write_json
 
 #: Test hook, not a user setting: `STL10_PIPELINE_FAIL=Trainer` makes the runner
@@ -92,7 +92,13 @@ def example_gen_parameters(config: Config, num_shards: int) -> dict[str, Any]:
         "data_dir": (str(Path(d.data_dir).expanduser().resolve()) if d.data_dir
                      else None),
         "val_per_class": (d.val_per_class if d.val_per_class is not None
-                          else DEFAULT_VAL_PER_CLASS[d.dataset]),
+                          else default_val_per_class(d.dataset, d.labeled_per_class)),
+        "labeled_per_class": d.labeled_per_class,
+        "image_size": list(d.image_size) if d.image_size else None,
+        "channels": d.channels,
+        # A folder's images (or the IDX files) added, removed or edited make
+        # a new Examples artifact.
+        "files": source_files_signature(d.dataset, d.data_dir),
         "seed": config.train.seed,
         "num_shards": num_shards,
     }
@@ -152,7 +158,9 @@ def create_pipeline(
 
     def run_example_gen(out, inputs, parameters):
         return c.example_gen(out, d.dataset, d.data_dir, eg["val_per_class"],
-                             eg["seed"], num_shards, d.download, progress)
+                             eg["seed"], num_shards, d.download, progress,
+                             labeled_per_class=d.labeled_per_class,
+                             image_size=d.image_size, channels=d.channels)
 
     def run_transform(out, inputs, parameters):
         return c.transform(out, inputs["ExampleGen"], config, progress)

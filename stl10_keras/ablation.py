@@ -9,6 +9,7 @@ identical, N seeds each, one run directory per run:
                             the protocol
     DIR/ablation.md         Table 1 (for STL-10 beside the lab's reported numbers)
     DIR/figure8.png         Figure 8: improvement over the baseline, absolute %
+    DIR/curves.png          validation accuracy per epoch of every run (convergence)
     DIR/logs/               TensorBoard HParams: one session per run
 
 Rerunning the same command skips finished runs and resumes an interrupted one
@@ -46,6 +47,9 @@ VARIANT_LABELS = {
 # The lab's Table 1: STL-10 validation accuracy (%), 4,000 train / 1,000 validation.
 LAB_VAL_ACCURACY_PCT = {"baseline": 71.4, "augment": 80.9, "kmeans1": 83.9,
                         "kmeans12": 84.4}
+# Convergence: mean validation accuracy of the last N epochs minus that of the N
+# before (a run still rising shows a clearly positive value).
+CONVERGENCE_WINDOW = 5
 # Config fields that are meant to differ between the variants (`apply_variant`).
 VARIANT_FIELDS = ("variant", "augment.enabled", "kmeans.stages",
                   "semi_supervised.method")
@@ -280,13 +284,27 @@ def summarize(
             "improvement_over_baseline_pct": _stats(
                 [100.0 * (v - b) for v, b in zip(val, baseline_val)]),
             "wall_seconds": {**_stats(walls), "total": sum(walls)},
+            "val_curves": [[h["val_accuracy"] for h in m.get("history", [])
+                            if "val_accuracy" in h] for m in runs],
         }
+        window = min(CONVERGENCE_WINDOW, len(entry["val_curves"][0]) // 2)
+        if window:
+            entry["late_change_pp"] = _stats([late_change_pp(c, window)
+                                              for c in entry["val_curves"]])
+            entry["late_change_pp"]["window"] = window
         if first.data.dataset == "stl10":  # None: beyond the lab
             entry["lab_val_accuracy_pct"] = LAB_VAL_ACCURACY_PCT.get(variant)
         variants[variant] = entry
     return {"protocol": protocol, "variants": variants,
             "total_wall_seconds": sum(v["wall_seconds"]["total"]
                                       for v in variants.values())}
+
+
+def late_change_pp(curve: Sequence[float], window: int) -> float:
+    """Mean of the last `window` values minus the mean of the `window` before, in
+    percentage points (accuracy still rising at the end: clearly positive)."""
+    last, before = curve[-window:], curve[-2 * window:-window]
+    return 100.0 * (sum(last) / len(last) - sum(before) / len(before))
 
 
 # --- outputs --------------------------------------------------------------------
@@ -375,6 +393,18 @@ def render_markdown(summary: dict) -> str:
         f"{summary['total_wall_seconds']:.0f} s.",
         "",
     ]
+    late = [(v["label"], v["late_change_pp"]) for v in summary["variants"].values()
+            if "late_change_pp" in v]
+    if late:
+        w = late[0][1]["window"]
+        lines += [
+            f"Convergence: mean validation accuracy of the last {w} epochs minus "
+            f"that of the {w} before, percentage points (per seed): "
+            + "; ".join(f"{label} " + ", ".join(f"{x:+.2f}" for x in c["per_seed"])
+                        for label, c in late)
+            + ". The curves are in curves.png.",
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -422,6 +452,34 @@ def save_figure8(summary: dict, path: Path) -> None:
                  f"{p['preset']} preset, {_plural(p['epochs'], 'epoch')}; {bars}",
                  fontsize=10)
     ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    save_png(figure_to_array(fig), str(path))
+
+
+def save_curves(summary: dict, path: Path) -> None:
+    """Validation accuracy per epoch: one panel per variant, one line per seed."""
+    from matplotlib.figure import Figure
+
+    from stl10_keras.visualize import figure_to_array, save_png
+
+    p = summary["protocol"]
+    entries = [summary["variants"][v] for v in cfg.VARIANTS]
+    fig = Figure(figsize=(10.0, 3.2), dpi=100)
+    axes = fig.subplots(1, len(entries), sharey=True)
+    lows = [min(c) for e in entries for c in e["val_curves"] if c]
+    for ax, e in zip(axes, entries):
+        for seed, curve in zip(p["seeds"], e["val_curves"]):
+            ax.plot(range(1, len(curve) + 1), [100.0 * x for x in curve], lw=1.2,
+                    label=f"seed {seed}")
+        ax.set_title(e["label"], fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("validation accuracy (%)")
+    if lows:
+        axes[0].set_ylim(max(0.0, 100.0 * min(lows) - 2.0), None)
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Validation accuracy per epoch: {p['dataset']}, {p['preset']} "
+                 f"preset, {p['splits']['train']:,} training images", fontsize=10)
     fig.tight_layout()
     save_png(figure_to_array(fig), str(path))
 
@@ -540,6 +598,7 @@ def run_ablation(
     atomic_write_json(ablation_dir / "ablation.json", summary)
     atomic_write_text(ablation_dir / "ablation.md", render_markdown(summary))
     save_figure8(summary, ablation_dir / "figure8.png")
+    save_curves(summary, ablation_dir / "curves.png")
     return summary
 
 

@@ -40,14 +40,27 @@ def _range(text: str) -> tuple[float, float]:
     return lo, hi
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2):
+        raise argparse.ArgumentTypeError(
+            f"expected H,W like 96,96 (or one number for a square), got '{text}'")
+    return values * 2 if len(values) == 1 else values
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that shape a `Config` (shared by train and ablation)."""
     g = parser.add_argument_group("run")
     g.add_argument("--dataset", choices=cfg.DATASETS, default=None,
-                   help="stl10 (default) or the bundled digits dataset")
+                   help="stl10 (default), the bundled digits, fashion_mnist, or "
+                        "folder (your images in --data-dir; docs/data.md)")
     g.add_argument("--data-dir", default=None,
-                   help="folder with stl10_binary/ or stl10_binary.tar.gz, or a "
-                        "tensorflow-datasets data dir")
+                   help="stl10: folder with stl10_binary/ or stl10_binary.tar.gz, "
+                        "or a tensorflow-datasets data dir; fashion_mnist: folder "
+                        "of its four IDX files; folder: DIR with train/CLASS/*")
     g.add_argument("--preset", choices=cfg.PRESETS, default=None,
                    help="default (trains), paper (the lab's lr 1.0) or smoke (tiny)")
     g.add_argument("--variant", choices=cfg.ALL_VARIANTS, default=None,
@@ -58,8 +71,19 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--val-per-class", type=int, default=None,
                    help="labeled images per class held out for validation")
+    g.add_argument("--labeled-per-class", type=int, default=None,
+                   help="fashion_mnist: labeled training images per class, drawn "
+                        "by the seed (default 500, as STL-10); the rest are "
+                        "unlabeled")
+    g.add_argument("--image-size", type=_size, default=None, metavar="H,W",
+                   help="resize every image to H,W (or N for NxN); a folder of "
+                        "images of different sizes needs it")
+    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="convert every image to 1 (grayscale) or 3 (RGB) channels "
+                        "(default: as stored)")
     g.add_argument("--no-download", action="store_true",
-                   help="never let tensorflow-datasets download STL-10")
+                   help="never let tensorflow-datasets download STL-10 or "
+                        "Fashion-MNIST")
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None)
     g.add_argument("--batch-size", type=int, default=None)
@@ -132,6 +156,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     semi = config.semi_supervised
     overrides = [
         (d, "data_dir", args.data_dir), (d, "val_per_class", args.val_per_class),
+        (d, "labeled_per_class", args.labeled_per_class),
+        (d, "image_size", args.image_size), (d, "channels", args.channels),
         (t, "seed", args.seed), (t, "epochs", args.epochs),
         (t, "batch_size", args.batch_size), (t, "learning_rate", args.learning_rate),
         (t, "lr_decay", args.lr_decay), (t, "weight_decay", args.weight_decay),
@@ -167,6 +193,17 @@ def config_from_args(args: argparse.Namespace) -> Config:
         a.flip = False
     if args.no_whiten:
         k.whiten = False
+    if d.dataset == "folder" and not d.data_dir:
+        raise ConfigError("--dataset folder needs --data-dir DIR, the folder holding "
+                          "train/CLASS/* (and optionally test/ and unlabeled/).")
+    if d.dataset == "folder":
+        from stl10_keras.sources.folder import class_folder_names
+
+        # The model's outputs are the folder's classes; fewer than 2 (or no
+        # train/) is left to the data loader, which names the fix.
+        names = class_folder_names(d.data_dir)
+        if len(names) >= 2:
+            m.num_classes = len(names)
     cfg.validate(config)
     check_data_dir(config, given=args.data_dir is not None)
     return config
@@ -201,8 +238,9 @@ def default_run_name(config: Config) -> str:
 def build_train_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m stl10_keras.train",
-        description="Train the lab's 5-stage CNN on STL-10 (or digits), evaluate it "
-                    "and export a SavedModel.",
+        description="Train the lab's 5-stage CNN on STL-10 (or digits, "
+                    "Fashion-MNIST, your own image folder), evaluate it and export a "
+                    "SavedModel.",
     )
     add_config_arguments(parser)
     g = parser.add_argument_group("outputs")

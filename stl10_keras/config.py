@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-DATASETS = ("stl10", "digits")
+DATASETS = ("stl10", "digits", "fashion_mnist", "folder")
 VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")  # the lab's Table 1
 # Beyond the lab: kmeans12 + FixMatch on the unlabeled images (docs/semi-supervised.md).
 ALL_VARIANTS = VARIANTS + ("fixmatch",)
@@ -32,13 +32,26 @@ class DataConfig:
     """Where the images come from and how the labeled set is split.
 
     Args:
-        dataset: `stl10` or `digits` (scikit-learn's digits, bundled, offline).
+        dataset: `stl10`, `digits` (scikit-learn's digits, bundled, offline),
+            `fashion_mnist` (the four official IDX files, or
+            tensorflow-datasets) or `folder` (your images, `data_dir/train/CLASS/*`).
         data_dir: folder holding `stl10_binary/` or `stl10_binary.tar.gz`, or a
-            tensorflow-datasets data dir. None: tensorflow-datasets' default.
+            tensorflow-datasets data dir; Fashion-MNIST's IDX files; the image
+            folder. None: tensorflow-datasets' default (Fashion-MNIST: first
+            Debian's /usr/share/datasets/fashion-mnist).
         val_per_class: labeled images per class held out for validation
             (STL-10: 100 of each class's 500 -> 4,000 train / 1,000 validation).
-            None picks the dataset's default (100 for stl10, 20 for digits).
-        download: let tensorflow-datasets download STL-10 when it is missing.
+            None picks the dataset's default (100 for stl10, 20 for digits, a
+            fifth of the labeled images for fashion_mnist and folder).
+        labeled_per_class: Fashion-MNIST's labeled images per class, drawn
+            from its 60,000 training images by the seed (None: 500, as STL-10);
+            the rest are the unlabeled split.
+        image_size: `(H, W)` every image is resized to (None: as stored; a
+            folder of images of different sizes needs it).
+        channels: 1 (grayscale) or 3 (RGB) every image is converted to (None:
+            as stored).
+        download: let tensorflow-datasets download STL-10 or Fashion-MNIST
+            when it is missing.
         shuffle_buffer: tf.data shuffle buffer (images) of a pipeline reshuffled
             per iteration; training instead permutes each whole epoch from
             (seed, epoch), so that a resumed run repeats it (`data.make_dataset`).
@@ -47,6 +60,9 @@ class DataConfig:
     dataset: str = "stl10"
     data_dir: str | None = None
     val_per_class: int | None = None
+    labeled_per_class: int | None = None
+    image_size: tuple[int, ...] | None = None
+    channels: int | None = None
     download: bool = True
     shuffle_buffer: int = 5000
 
@@ -342,7 +358,7 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
         name: `paper` (the lab's values exactly: SGD lr 1.0), `default` (the
             lab's values with a learning rate that trains in Keras, see
             docs/training.md), or `smoke` (tiny widths, 1 epoch, small k-means; tests).
-        dataset: `stl10` or `digits`.
+        dataset: one of `DATASETS`.
         variant: one of `VARIANTS`.
 
     Returns:
@@ -422,6 +438,17 @@ def validate(config: Config) -> None:
     if d.val_per_class is not None and d.val_per_class < 1:
         raise ConfigError("--val-per-class must be at least 1 (validation images "
                           "per class).")
+    if d.labeled_per_class is not None and d.labeled_per_class < 2:
+        raise ConfigError("--labeled-per-class must be at least 2 (labeled images per "
+                          "class, a fifth of them held out for validation).")
+    if d.labeled_per_class is not None and d.dataset != "fashion_mnist":
+        raise ConfigError("--labeled-per-class applies to --dataset fashion_mnist "
+                          "only; drop it.")
+    if d.image_size is not None and (len(d.image_size) != 2
+                                     or min(d.image_size) < 1):
+        raise ConfigError("--image-size needs two positive numbers H,W, e.g. 96,96.")
+    if d.channels is not None and d.channels not in (1, 3):
+        raise ConfigError("--channels must be 1 (grayscale) or 3 (RGB).")
     if d.shuffle_buffer < 1:
         raise ConfigError("data.shuffle_buffer must be at least 1; fix the config file.")
     if a.on not in ("device", "cpu"):

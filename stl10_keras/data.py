@@ -1,4 +1,5 @@
-"""Datasets: STL-10 (tensorflow-datasets or a local `stl10_binary`) and digits.
+"""Datasets behind one interface: `load_splits` dispatches to a source module
+(`stl10_keras.sources`: stl10, digits, fashion_mnist, folder) and returns `Splits`.
 
 Every dataset is returned as a `Splits`: labeled train / validation / test as
 uint8 arrays (STL-10's labeled 5,000 and test 8,000 images are 0.36 GB as
@@ -12,12 +13,8 @@ same uint8 batches from numpy (`NumpyBatches`), for a JAX-only install.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-import shutil
 import socket
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,20 +23,24 @@ import numpy as np
 
 from stl10_keras import runtime
 
-STL10_CLASS_NAMES = (
-    "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
-)
-DIGITS_CLASS_NAMES = tuple(str(i) for i in range(10))
-STL10_SHAPE = (96, 96, 3)
-STL10_URL_HOST = "ai.stanford.edu"
-STL10_ARCHIVE = "stl10_binary.tar.gz"
-STL10_FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
-DIGITS_SIZE = 32
-# Fixed partition of digits into labeled / test / unlabeled (per class), like
-# STL-10's fixed splits; only the labeled train/validation split follows --seed.
-DIGITS_TEST_PER_CLASS = 30
-DIGITS_LABELED_PER_CLASS = 60
 DEFAULT_VAL_PER_CLASS = {"stl10": 100, "digits": 20}
+
+
+def default_val_per_class(dataset: str,
+                          labeled_per_class: int | None = None) -> int | None:
+    """Validation images per class when `--val-per-class` is not given.
+
+    STL-10 and digits hold out fixed counts; Fashion-MNIST a fifth of its
+    labeled images per class (STL-10's 100 of 500); a folder a fifth of its
+    smallest class (None here: only the files say how many there are).
+    """
+    if dataset in DEFAULT_VAL_PER_CLASS:
+        return DEFAULT_VAL_PER_CLASS[dataset]
+    if dataset == "fashion_mnist":
+        from stl10_keras.sources.fashion_mnist import DEFAULT_LABELED_PER_CLASS
+
+        return max(1, (labeled_per_class or DEFAULT_LABELED_PER_CLASS) // 5)
+    return None
 
 
 class DataUnavailableError(RuntimeError):
@@ -54,7 +55,7 @@ class Splits:
     """A dataset's four splits.
 
     Attributes:
-        name: `stl10` or `digits`.
+        name: `stl10`, `digits`, `fashion_mnist` or `folder`.
         class_names: the class names, index = label.
         image_shape: `(H, W, C)`.
         x_train, y_train: labeled training images (uint8 NHWC) and labels (int32).
@@ -89,6 +90,7 @@ class Splits:
         return {
             "dataset": self.name,
             "source": self.source,
+            "class_names": list(self.class_names),
             "image_shape": list(self.image_shape),
             "train": int(len(self.y_train)),
             "validation": int(len(self.y_val)),
@@ -131,18 +133,27 @@ def load_splits(
     val_per_class: int | None = None,
     seed: int = 0,
     download: bool = True,
+    labeled_per_class: int | None = None,
+    image_size: tuple[int, int] | None = None,
+    channels: int | None = None,
 ) -> Splits:
     """Load a dataset's splits.
 
     Args:
-        dataset: `stl10` or `digits`.
+        dataset: `stl10`, `digits`, `fashion_mnist` or `folder`.
         data_dir: for STL-10, a folder holding `stl10_binary/` (or the folder
             itself) or `stl10_binary.tar.gz`, else a tensorflow-datasets data
-            dir. Ignored for digits.
+            dir; for Fashion-MNIST the folder of its four IDX files (or a
+            tensorflow-datasets data dir); for `folder` the image folder
+            (`train/CLASS/*`, optional `test/`, `unlabeled/`). Ignored for digits.
         val_per_class: labeled images per class held out for validation
-            (None: 100 for STL-10, 20 for digits).
-        seed: seeds the train/validation split.
-        download: allow tensorflow-datasets to download STL-10.
+            (None: `default_val_per_class`).
+        seed: seeds the train/validation split (and Fashion-MNIST's draw of
+            its labeled images).
+        download: allow tensorflow-datasets to download STL-10 / Fashion-MNIST.
+        labeled_per_class: Fashion-MNIST's labeled images per class (None: 500).
+        image_size: `(H, W)` to resize every image to (None: as stored).
+        channels: 1 or 3 to convert every image to (None: as stored).
 
     Returns:
         A `Splits`.
@@ -150,16 +161,76 @@ def load_splits(
     Raises:
         DataUnavailableError: the data is neither on disk nor downloadable.
     """
+    if dataset == "folder":
+        from stl10_keras.sources import folder
+
+        splits = folder.load(data_dir, val_per_class, seed, image_size, channels)
+        return splits
     if val_per_class is None:
-        val_per_class = DEFAULT_VAL_PER_CLASS[dataset]
+        val_per_class = default_val_per_class(dataset, labeled_per_class)
     if dataset == "digits":
-        return _load_digits(val_per_class, seed)
-    if dataset != "stl10":
-        raise DataUnavailableError(f"Unknown dataset '{dataset}'; use stl10 or digits.")
-    folder = find_stl10_binary(data_dir) if data_dir else None
-    if folder is not None:
-        return _load_stl10_binary(folder, val_per_class, seed)
-    return _load_stl10_tfds(data_dir, val_per_class, seed, download)
+        from stl10_keras.sources import digits
+
+        splits = digits.load(val_per_class, seed)
+    elif dataset == "fashion_mnist":
+        from stl10_keras.sources import fashion_mnist
+
+        splits = fashion_mnist.load(data_dir, labeled_per_class, val_per_class, seed,
+                                    download)
+    elif dataset != "stl10":
+        raise DataUnavailableError(
+            f"Unknown dataset '{dataset}'; use stl10, digits, fashion_mnist or folder.")
+    else:
+        from stl10_keras.sources import stl10
+
+        splits = stl10.load(data_dir, val_per_class, seed, download)
+    if image_size is not None or channels is not None:
+        from stl10_keras.sources.images import conform_splits
+
+        splits = conform_splits(splits, image_size, channels)
+    return splits
+
+
+def source_files(dataset: str, data_dir: str | None) -> list[Path]:
+    """The files a dataset would be read from, sorted (for fingerprints).
+
+    An image folder: every file under `train/`, `test/` and `unlabeled/`;
+    Fashion-MNIST: its four IDX files (in `data_dir`, else Debian's folder);
+    STL-10: the files in `data_dir` and its `stl10_binary/`. Empty for the
+    bundled digits and for data only tensorflow-datasets holds.
+    """
+    if not data_dir and dataset != "fashion_mnist":
+        return []
+    if dataset == "folder":
+        root = Path(data_dir).expanduser()
+        return sorted(p for sub in ("train", "test", "unlabeled")
+                      for p in (root / sub).rglob("*") if p.is_file())
+    if dataset == "fashion_mnist":
+        from stl10_keras.sources import fashion_mnist
+
+        files = fashion_mnist.find_files(data_dir or fashion_mnist.DEBIAN_DIR)
+        return sorted(files.values()) if files else []
+    if dataset == "stl10":
+        root = Path(data_dir).expanduser()
+        return sorted(p for folder in (root, root / "stl10_binary") if folder.is_dir()
+                      for p in folder.iterdir() if p.is_file())
+    return []
+
+
+def source_files_signature(dataset: str, data_dir: str | None) -> str | None:
+    """sha256 of `source_files`' paths, sizes and modification times (None: no
+    files): it changes when a file is added, removed, replaced or edited."""
+    import hashlib
+
+    files = source_files(dataset, data_dir)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
 
 
 def load_splits_for(config, seed: int | None = None) -> Splits:
@@ -171,11 +242,14 @@ def load_splits_for(config, seed: int | None = None) -> Splits:
     """
     d = config.data
     return load_splits(d.dataset, d.data_dir, d.val_per_class,
-                       config.train.seed if seed is None else seed, d.download)
+                       config.train.seed if seed is None else seed, d.download,
+                       labeled_per_class=d.labeled_per_class,
+                       image_size=d.image_size, channels=d.channels)
 
 
-def _finish(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled, source,
-            val_per_class, seed) -> Splits:
+def finish_splits(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled,
+                  source, val_per_class, seed) -> Splits:
+    """A `Splits` from a labeled set, split into train / validation by `seed`."""
     train_idx, val_idx = stratified_split(y, val_per_class, seed)
     return Splits(
         name=name,
@@ -194,187 +268,9 @@ def _finish(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled, s
     )
 
 
-# --- digits ---------------------------------------------------------------------
+# --- shared by the sources -------------------------------------------------
 
-def digits_images() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1,797 8x8 digits as 32x32x3 uint8 images, and labels."""
-    from scipy import ndimage
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    small = bunch.images.astype(np.float32) * (255.0 / 16.0)  # 0..16 -> 0..255
-    factor = DIGITS_SIZE / small.shape[1]
-    big = ndimage.zoom(small, (1, factor, factor), order=1)
-    big = np.clip(np.rint(big), 0, 255).astype(np.uint8)
-    return np.repeat(big[..., None], 3, axis=-1), bunch.target.astype(np.int32)
-
-
-def _load_digits(val_per_class: int, seed: int) -> Splits:
-    images, labels = digits_images()
-    rng = np.random.default_rng(1234)  # fixed, like STL-10's fixed splits
-    test, labeled, unlabeled = [], [], []
-    for c in range(10):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        test.append(idx[:DIGITS_TEST_PER_CLASS])
-        labeled.append(idx[DIGITS_TEST_PER_CLASS:DIGITS_TEST_PER_CLASS
-                           + DIGITS_LABELED_PER_CLASS])
-        unlabeled.append(idx[DIGITS_TEST_PER_CLASS + DIGITS_LABELED_PER_CLASS:])
-    test, labeled, unlabeled = (np.sort(np.concatenate(p)) for p in (test, labeled,
-                                                                     unlabeled))
-    x_unlabeled = images[unlabeled]
-
-    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
-        for i in range(0, len(x_unlabeled), batch_size):
-            yield x_unlabeled[i:i + batch_size]
-
-    splits = _finish(
-        "digits", DIGITS_CLASS_NAMES, images[labeled], labels[labeled], images[test],
-        labels[test], unlabeled_batches, len(x_unlabeled),
-        "scikit-learn digits (8x8 upsampled to 32x32x3)", val_per_class, seed,
-    )
-    splits.unlabeled_labels = labels[unlabeled].astype(np.int32)
-    return splits
-
-
-# --- STL-10 from the official binary files --------------------------------------
-
-def find_stl10_binary(data_dir: str | os.PathLike) -> Path | None:
-    """Locate (extracting if needed) an `stl10_binary` folder under `data_dir`.
-
-    Accepts the folder itself, a folder holding `stl10_binary/`, a folder
-    holding `stl10_binary.tar.gz`, or the path of the tarball. A tarball is
-    extracted once next to itself, atomically (a temp folder renamed into
-    place), so an interrupted extraction leaves nothing half-written.
-
-    Returns:
-        The folder with `train_X.bin` etc., or None when nothing is there.
-    """
-    path = Path(data_dir).expanduser()
-    if path.is_file() and path.name.endswith((".tar.gz", ".tgz", ".tar")):
-        return _extract_stl10(path, path.parent)
-    if (path / "train_X.bin").exists():
-        return path
-    if (path / "stl10_binary" / "train_X.bin").exists():
-        return path / "stl10_binary"
-    if (path / STL10_ARCHIVE).exists():
-        return _extract_stl10(path / STL10_ARCHIVE, path)
-    return None
-
-
-def _extract_stl10(archive: Path, dest: Path) -> Path:
-    from tqdm import tqdm
-
-    target = dest / "stl10_binary"
-    if (target / "train_X.bin").exists():
-        return target
-    tmp = dest / ".stl10_binary.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        with tarfile.open(archive) as tar:
-            members = [m for m in tar.getmembers() if m.isfile()]
-            total = sum(m.size for m in members)
-            with tqdm(total=total, unit="B", unit_scale=True,
-                      desc=f"Extracting {archive.name}") as bar:
-                for member in members:
-                    name = Path(member.name).name
-                    src = tar.extractfile(member)
-                    with open(tmp / name, "wb") as out:
-                        shutil.copyfileobj(src, out, length=1 << 22)
-                    bar.update(member.size)
-    except (tarfile.TarError, OSError, EOFError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        # tarfile.open's ReadError lists every compression it tried, one per line.
-        reason = ("not a readable tar archive"
-                  if isinstance(e, tarfile.ReadError) and str(e).startswith("file could")
-                  else " ".join(str(e).split()))
-        raise DataUnavailableError(
-            f"Could not extract {archive} ({reason}); download stl10_binary.tar.gz "
-            "again."
-        ) from None
-    if not (tmp / "train_X.bin").exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise DataUnavailableError(
-            f"{archive} holds no train_X.bin; it is not the STL-10 binary archive."
-        )
-    os.replace(tmp, target)
-    return target
-
-
-def read_stl10_images(path: Path, shape=STL10_SHAPE) -> np.ndarray:
-    """Read an STL-10 `*_X.bin` file into (N, H, W, C) uint8.
-
-    The files store each image as 3 channel planes, each plane column-major,
-    hence the transpose (N, C, W, H) -> (N, H, W, C).
-    """
-    raw = np.fromfile(path, dtype=np.uint8)
-    per_image = int(np.prod(shape))
-    if raw.size % per_image:
-        raise DataUnavailableError(
-            f"{path} is truncated ({raw.size} bytes is not a multiple of {per_image}); "
-            "download the dataset again."
-        )
-    h, w, c = shape
-    return np.ascontiguousarray(raw.reshape(-1, c, w, h).transpose(0, 3, 2, 1))
-
-
-def read_stl10_labels(path: Path) -> np.ndarray:
-    """Read an STL-10 `*_y.bin` file (labels 1..10) into 0-based int32."""
-    return np.fromfile(path, dtype=np.uint8).astype(np.int32) - 1
-
-
-def _load_stl10_binary(folder: Path, val_per_class: int, seed: int) -> Splits:
-    missing = [f for f in STL10_FILES if not (folder / f).exists()]
-    if missing:
-        raise DataUnavailableError(
-            f"{folder} lacks {', '.join(missing)}; download stl10_binary.tar.gz again."
-        )
-    x = read_stl10_images(folder / "train_X.bin")
-    y = read_stl10_labels(folder / "train_y.bin")
-    x_test = read_stl10_images(folder / "test_X.bin")
-    y_test = read_stl10_labels(folder / "test_y.bin")
-    if len(x) != len(y) or len(x_test) != len(y_test):
-        raise DataUnavailableError(
-            f"Image and label counts differ in {folder}; download the dataset again."
-        )
-    class_names = STL10_CLASS_NAMES
-    names_file = folder / "class_names.txt"
-    if names_file.exists():
-        class_names = tuple(n.strip() for n in names_file.read_text().splitlines()
-                            if n.strip())
-    unlabeled_path = folder / "unlabeled_X.bin"
-    per_image = int(np.prod(STL10_SHAPE))
-    num_unlabeled = (unlabeled_path.stat().st_size // per_image
-                     if unlabeled_path.exists() else 0)
-
-    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
-        if not unlabeled_path.exists():
-            raise DataUnavailableError(
-                f"{unlabeled_path} is missing; the k-means variants need STL-10's "
-                "unlabeled split (extract the full stl10_binary.tar.gz)."
-            )
-        h, w, c = STL10_SHAPE
-        # A memory map: batches are read from disk as they are consumed.
-        mm = np.memmap(unlabeled_path, dtype=np.uint8, mode="r").reshape(-1, c, w, h)
-        for i in range(0, len(mm), batch_size):
-            yield np.ascontiguousarray(mm[i:i + batch_size].transpose(0, 3, 2, 1))
-
-    return _finish("stl10", class_names, x, y, x_test, y_test, unlabeled_batches,
-                   num_unlabeled, f"stl10_binary folder {folder}", val_per_class, seed)
-
-
-# --- STL-10 through tensorflow-datasets ----------------------------------------
-
-def offline_message(data_dir: str | None) -> str:
-    where = data_dir or "DIR"
-    return (
-        "STL-10 is not on disk and cannot be downloaded (no network): place "
-        f"{STL10_ARCHIVE} (or its extracted stl10_binary/ folder) in {where} and pass "
-        f"--data-dir {where}, or run offline on the bundled data with --dataset digits."
-    )
-
-
-def _host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
+def host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
     # tensorflow-datasets retries a failed download for minutes; a quick
     # connection check lets an offline user get the clear message at once.
     try:
@@ -382,57 +278,6 @@ def _host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
             return True
     except OSError:
         return False
-
-
-def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
-                     download: bool) -> Splits:
-    import tensorflow_datasets as tfds
-
-    # Looking for a prepared copy needs no TensorFlow; tfds logs "Variant folder
-    # DIR/stl10/1.0.0 has no dataset_info.json" (absl, WARNING) where there is
-    # none, which the DataUnavailableError below says better.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(max(level, logging.ERROR))
-    try:
-        builder = tfds.builder("stl10", data_dir=data_dir)
-        prepared = builder.is_prepared()
-    finally:
-        absl_logger.setLevel(level)
-    if not prepared and (not download or not _host_reachable(STL10_URL_HOST)):
-        raise DataUnavailableError(offline_message(data_dir))
-    runtime.tensorflow_available()  # loads it quietly, before tfds does
-    if not prepared:
-        try:
-            builder.download_and_prepare()
-        except Exception as e:  # network / disk errors from tfds
-            raise DataUnavailableError(
-                f"Downloading STL-10 failed ({type(e).__name__}). "
-                + offline_message(data_dir)
-            ) from None
-
-    def as_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
-        ds = builder.as_dataset(split=split, as_supervised=True).batch(1024)
-        xs, ys = [], []
-        for x, y in tfds.as_numpy(ds):
-            xs.append(x)
-            ys.append(y)
-        return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int32)
-
-    x, y = as_numpy("train")
-    x_test, y_test = as_numpy("test")
-    splits_info = builder.info.splits
-    num_unlabeled = (splits_info["unlabelled"].num_examples
-                     if "unlabelled" in splits_info else None)
-
-    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
-        ds = builder.as_dataset(split="unlabelled", as_supervised=True)
-        for images, _ in tfds.as_numpy(ds.batch(batch_size)):
-            yield images.astype(np.uint8)
-
-    return _finish("stl10", STL10_CLASS_NAMES, x, y, x_test, y_test,
-                   unlabeled_batches, num_unlabeled or None, "tensorflow-datasets stl10",
-                   val_per_class, seed)
 
 
 # --- tf.data --------------------------------------------------------------------

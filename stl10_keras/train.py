@@ -141,6 +141,7 @@ def train(
         # Before config.json is written: a run whose data is missing leaves no
         # run behind, so rerunning with a corrected --data-dir is not refused.
         splits = data_lib.load_splits_for(config)
+    _check_num_classes(config, splits)
     _check_unlabeled(config, splits)
     run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.dir / "config.json", config.to_dict())
@@ -156,6 +157,16 @@ def train(
     if fitted is None:
         fitted = _fit(config, run, splits, kmeans_result, verbose)
     return _finish(config, run, splits, fitted, wall0)
+
+
+def _check_num_classes(config: Config, splits) -> None:
+    """The model's outputs must match the data's classes (a folder has its own)."""
+    n = len(splits.class_names)
+    if n != config.model.num_classes:
+        raise ConfigError(
+            f"The data has {n} classes but the config's model.num_classes is "
+            f"{config.model.num_classes}; set it to {n} (the command line does so "
+            "for --dataset folder from its class folders).")
 
 
 @dataclass

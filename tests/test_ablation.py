@@ -359,3 +359,32 @@ def test_semi_supervised_flag_does_not_apply_to_an_ablation(tmp_path, capsys):
     code = ablation.main(["--dataset", "digits", "--semi-supervised", "fixmatch",
                           "--run-dir", str(tmp_path)])
     assert code == 2 and "--variants all" in capsys.readouterr().err
+
+
+def test_convergence_numbers_and_curves_come_from_each_runs_history(tmp_path):
+    args = ablation.build_parser().parse_args(["--dataset", "digits", "--seeds", "2",
+                                               "--epochs", "12"])
+    plan = ablation.plan_configs(args)
+    rng = np.random.default_rng(1)
+    data = {"dataset": "digits", "source": "test", "image_shape": [32, 32, 3],
+            "train": 400, "validation": 200, "test": 300, "unlabeled": 897}
+    curves = {key: rng.uniform(0.5, 1.0, 12).round(3).tolist() for key in plan}
+    metrics = {key: {"val_accuracy": curves[key][-1], "test_accuracy": 0.5,
+                     "wall_seconds": 1.0, "data": data,
+                     "history": [{"epoch": i + 1, "loss": 1.0, "val_accuracy": v}
+                                 for i, v in enumerate(curves[key])]}
+               for key in plan}
+    summary = ablation.summarize(metrics, plan, tmp_path)
+    for variant in VARIANTS:
+        entry = summary["variants"][variant]
+        assert entry["val_curves"] == [curves[(variant, s)] for s in range(2)]
+        expected = [100 * (np.mean(curves[(variant, s)][-5:])
+                           - np.mean(curves[(variant, s)][-10:-5])) for s in range(2)]
+        np.testing.assert_allclose(entry["late_change_pp"]["per_seed"], expected)
+        assert entry["late_change_pp"]["window"] == 5
+    table = ablation.render_markdown(summary)
+    line = next(x for x in table.splitlines() if x.startswith("Convergence"))
+    first = summary["variants"]["baseline"]["late_change_pp"]["per_seed"][0]
+    assert f"baseline {first:+.2f}" in line and "curves.png" in line
+    ablation.save_curves(summary, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 5000

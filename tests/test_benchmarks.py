@@ -18,6 +18,9 @@ BAD_FLAGS = [
     ("train_step.py", ["--batch-size", "0"], "--batch-size"),
     ("augment.py", ["--batch-sizes", "0"], "--batch-sizes must be >= 1"),
     ("kmeans.py", ["--images", "0"], "--images"),
+    ("fashion_epoch.py", ["--jit", "fast"], "--jit takes"),
+    ("fashion_epoch.py", ["--steps-per-execution", "1,x"], "take integers"),
+    ("fashion_epoch.py", ["--epochs", "1"], "--epochs >= 2"),
 ]
 
 # Runs a script as `python SCRIPT ...` would, but with any import of the heavy

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from stl10_keras import data
+from stl10_keras.sources import stl10
 
 
 # --- split ----------------------------------------------------------------------
@@ -95,7 +96,7 @@ def _write_stl10(folder, n_train=30, n_test=10, n_unlabeled=5):
     (folder / "test_X.bin").write_bytes(_to_official_bytes(test))
     (folder / "test_y.bin").write_bytes(bytes([i % 10 + 1 for i in range(n_test)]))
     (folder / "unlabeled_X.bin").write_bytes(_to_official_bytes(unlabeled))
-    (folder / "class_names.txt").write_text("\n".join(data.STL10_CLASS_NAMES) + "\n")
+    (folder / "class_names.txt").write_text("\n".join(stl10.CLASS_NAMES) + "\n")
     return train, test, unlabeled
 
 
@@ -112,7 +113,7 @@ def test_stl10_binary_folder_orientation_and_labels(tmp_path):
     np.testing.assert_array_equal(s.y_test, np.arange(10))
     stream = np.concatenate(list(s.unlabeled_batches(2)))
     np.testing.assert_array_equal(stream, np.stack(unlabeled))
-    assert s.class_names == data.STL10_CLASS_NAMES
+    assert s.class_names == stl10.CLASS_NAMES
     # Orientation: pixel (row 0, col 1) differs from (row 1, col 0) by design.
     img = s.x_test[0].astype(int)
     assert img[0, 1, 0] - img[0, 0, 0] == 3 and img[1, 0, 0] - img[0, 0, 0] == 1
@@ -160,7 +161,7 @@ def test_stl10_through_tensorflow_datasets_mock(monkeypatch):
     import tensorflow_datasets as tfds
 
     # mock_data replaces tfds' download with a no-op; stand in for the network.
-    monkeypatch.setattr(data, "_host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(data, "host_reachable", lambda *a, **k: True)
     with tfds.testing.mock_data(num_examples=80):
         s = data.load_splits("stl10", val_per_class=2, seed=0)
         first = next(s.unlabeled_batches(16))

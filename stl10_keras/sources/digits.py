@@ -1,0 +1,60 @@
+"""scikit-learn's 1,797 8x8 digits, upsampled to 32x32x3: bundled, offline.
+
+A fixed partition per class into labeled (60), test (30) and unlabeled (the
+rest, 897 in all), like STL-10's fixed splits; only the labeled set's
+train/validation split follows the seed.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+
+from stl10_keras.data import Splits, finish_splits
+
+CLASS_NAMES = tuple(str(i) for i in range(10))
+SIZE = 32
+TEST_PER_CLASS = 30
+LABELED_PER_CLASS = 60
+
+
+def digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's 1,797 8x8 digits as 32x32x3 uint8 images, and labels."""
+    from scipy import ndimage
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    small = bunch.images.astype(np.float32) * (255.0 / 16.0)  # 0..16 -> 0..255
+    factor = SIZE / small.shape[1]
+    big = ndimage.zoom(small, (1, factor, factor), order=1)
+    big = np.clip(np.rint(big), 0, 255).astype(np.uint8)
+    return np.repeat(big[..., None], 3, axis=-1), bunch.target.astype(np.int32)
+
+
+def load(val_per_class: int, seed: int) -> Splits:
+    """The digits' splits; `seed` draws the train/validation split."""
+    images, labels = digits_images()
+    rng = np.random.default_rng(1234)  # fixed, like STL-10's fixed splits
+    test, labeled, unlabeled = [], [], []
+    for c in range(10):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        test.append(idx[:TEST_PER_CLASS])
+        labeled.append(idx[TEST_PER_CLASS:TEST_PER_CLASS + LABELED_PER_CLASS])
+        unlabeled.append(idx[TEST_PER_CLASS + LABELED_PER_CLASS:])
+    test, labeled, unlabeled = (np.sort(np.concatenate(p)) for p in (test, labeled,
+                                                                     unlabeled))
+    x_unlabeled = images[unlabeled]
+
+    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
+        for i in range(0, len(x_unlabeled), batch_size):
+            yield x_unlabeled[i:i + batch_size]
+
+    splits = finish_splits(
+        "digits", CLASS_NAMES, images[labeled], labels[labeled], images[test],
+        labels[test], unlabeled_batches, len(x_unlabeled),
+        "scikit-learn digits (8x8 upsampled to 32x32x3)", val_per_class, seed,
+    )
+    # Known to the experimenter only: FixMatch reports its pseudo-labels' accuracy.
+    splits.unlabeled_labels = labels[unlabeled].astype(np.int32)
+    return splits
