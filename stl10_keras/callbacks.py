@@ -6,6 +6,10 @@
   relies on keras' `SeedGenerator` keeping its state in a variable named
   `seed_generator_state` (checked under TensorFlow and JAX, keras 3.15), which
   `BackupAndRestore` does not save.
+- `backup_and_restore`: keras' `BackupAndRestore` whose files are never
+  half-written. It overrides keras' private `_save_model` and `_load_model`
+  (keras 3.15: the weights in `latest.weights.h5`, the epoch in
+  `training_metadata.json`, each copied to `*.bkp` first).
 - `restore_backup`: the epoch an interrupted run resumes at, read through
   `BackupAndRestore` itself and keras' private `model._initial_epoch` (a
   mismatch with the data stream is reported by `EpochRandomState`).
@@ -13,6 +17,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 
 
@@ -96,6 +102,57 @@ class EpochRandomState:
                     v.assign(np.array([seed, counter], dtype=v.dtype))
 
         self.callback = Callback()
+
+
+def backup_and_restore(backup_dir: str | os.PathLike):
+    """keras' `BackupAndRestore` (double checkpoint, kept after `fit`), atomic.
+
+    keras writes `latest.weights.h5` in place, so a run killed during that
+    write (right after an epoch's history row) leaves a truncated HDF5 file;
+    h5py then raises `RuntimeError`, which keras' fall-back to the previous
+    checkpoint (it catches `OSError`) lets through, and the rerun fails. Here
+    the weights and the epoch record are written beside their final names and
+    renamed into place, weights first; a file that still cannot be read (a
+    full disk, say) counts as corrupt, so the previous checkpoint is used.
+    Kept when `fit` returns (keras deletes it in `on_train_end` by default):
+    it is the last epoch's state until the final weights are on disk.
+    """
+    import keras
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def _save_model(self):
+            os.makedirs(self.backup_dir, exist_ok=True)
+            for path, previous in ((self._weights_path, self._prev_weights_path),
+                                   (self._training_metadata_path,
+                                    self._prev_training_metadata_path)):
+                if self.double_checkpoint and os.path.exists(path):
+                    _copy_atomically(path, previous)
+            partial = self._weights_path.replace(".weights.h5", ".partial.weights.h5")
+            self.model.save_weights(partial, overwrite=True)
+            record = json.dumps({"epoch": self._current_epoch,
+                                 "batch": self._last_batch_seen})
+            with open(self._training_metadata_path + ".partial", "w") as f:
+                f.write(record)
+            os.replace(partial, self._weights_path)
+            os.replace(self._training_metadata_path + ".partial",
+                       self._training_metadata_path)
+
+        def _load_model(self):
+            try:
+                super()._load_model()
+            except RuntimeError as e:  # h5py: a truncated or corrupt file
+                raise OSError(f"unreadable backup ({e})") from e
+
+    return AtomicBackupAndRestore(str(backup_dir), double_checkpoint=True,
+                                  delete_checkpoint=False)
+
+
+def _copy_atomically(source: str, target: str) -> None:
+    with open(source, "rb") as f:
+        data = f.read()
+    with open(target + ".partial", "wb") as f:
+        f.write(data)
+    os.replace(target + ".partial", target)
 
 
 def restore_backup(backup, training_model) -> int:

@@ -262,11 +262,9 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
             training_model = build_training_model(model, augmentation)
         ema_decay = config.semi_supervised.ema_decay if _fixmatch(config) else None
         compile_training_model(training_model, t, ema_decay=ema_decay)
-        # Kept when fit returns (keras deletes it by default, in
-        # on_train_end): it is the last epoch's state until the final
+        # Kept when fit returns: the last epoch's state until the final
         # weights are on disk (`_keep_final`).
-        backup = keras.callbacks.BackupAndRestore(
-            str(backup_dir), double_checkpoint=True, delete_checkpoint=False)
+        backup = cb.backup_and_restore(backup_dir)
         first_epoch = cb.restore_backup(backup, training_model)
         # One stream of the epochs still to train, each epoch's order drawn
         # from (seed, epoch): a resumed run gets the batches of an
