@@ -61,8 +61,22 @@ def affine_matrices(flip, angle_deg, scale, tx, ty, height: int, width: int):
     sin = ops.sin(theta) * inv_s
     # Inverse linear part A = F * R(angle)^-1 / s, where R(angle)^-1 in (x, y)
     # with y pointing down is [[cos, -sin], [sin, cos]].
-    a0, a1 = sign * cos, -sign * sin
-    b0, b1 = sin, cos
+    return about_centre(((sign * cos, -sign * sin), (sin, cos)), tx, ty, height,
+                        width)
+
+
+def about_centre(linear, tx, ty, height: int, width: int):
+    """The transform rows of `p = A (q - c - t) + c`: `A` about the centre `c`.
+
+    Args:
+        linear: the inverse linear part `A` as `((a0, a1), (b0, b1))`, each `(B,)`.
+        tx, ty: `(B,)` shift right and down in pixels.
+        height, width: the image size.
+
+    Returns:
+        A float32 `(B, 8)` tensor `[a0, a1, a2, b0, b1, b2, 0, 0]`.
+    """
+    (a0, a1), (b0, b1) = linear
     cx = (width - 1) / 2.0
     cy = (height - 1) / 2.0
     # p = A (q - c - t) + c, so the offset is c - A (c + t).

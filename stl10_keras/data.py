@@ -17,7 +17,7 @@ import math
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -269,6 +269,61 @@ def finish_splits(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabe
 
 
 # --- shared by the sources -------------------------------------------------
+
+def tfds_arrays(name: str, title: str, data_dir: str | None, download: bool,
+                host: str, missing: str, batch: int = 1024) -> dict[str, Any]:
+    """A tensorflow-datasets dataset's train and test splits as uint8/int32 arrays.
+
+    Args:
+        name: the tfds name (`stl10`, `fashion_mnist`).
+        title: the dataset's name in messages (`STL-10`).
+        data_dir: tfds' data dir (None: its default).
+        download: let tfds download and prepare it when it is not on disk.
+        host: the download's host, checked first (tfds retries for minutes).
+        missing: the sentence naming the fix when it is not on disk and cannot
+            be downloaded.
+        batch: images per read.
+
+    Returns:
+        `{"train": (images, labels), "test": (images, labels), "builder": ...}`.
+
+    Raises:
+        DataUnavailableError: not on disk and no download, or the download failed.
+    """
+    import logging
+
+    import tensorflow_datasets as tfds
+
+    # Looking for a prepared copy needs no TensorFlow; tfds logs "Variant folder
+    # DIR/NAME/VERSION has no dataset_info.json" (absl, WARNING) where there is
+    # none, which the DataUnavailableError below says better.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(max(level, logging.ERROR))
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+        prepared = builder.is_prepared()
+    finally:
+        absl_logger.setLevel(level)
+    if not prepared and (not download or not host_reachable(host)):
+        raise DataUnavailableError(missing)
+    runtime.tensorflow_available()  # loads it quietly, before tfds does
+    if not prepared:
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # network / disk errors from tfds
+            raise DataUnavailableError(
+                f"Downloading {title} failed ({type(e).__name__}). {missing}"
+            ) from None
+
+    def as_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
+        ds = builder.as_dataset(split=split, as_supervised=True).batch(batch)
+        xs, ys = zip(*tfds.as_numpy(ds))
+        return (np.concatenate(xs).astype(np.uint8),
+                np.concatenate(ys).astype(np.int32))
+
+    return {"train": as_numpy("train"), "test": as_numpy("test"), "builder": builder}
+
 
 def host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
     # tensorflow-datasets retries a failed download for minutes; a quick

@@ -24,7 +24,7 @@ import math
 import keras
 from keras import ops
 
-from stl10_keras.augment import warp_affine
+from stl10_keras.augment import about_centre, warp_affine
 
 OPS = ("identity", "autocontrast", "brightness", "color", "contrast", "posterize",
        "solarize", "rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -133,15 +133,9 @@ def geometric_transforms(angle_deg, shear_x, shear_y, tx, ty, height: int,
     sx, sy = ops.cast(shear_x, "float32"), ops.cast(shear_y, "float32")
     # [[1, sx], [0, 1]] @ [[1, 0], [sy, 1]] @ [[cos, -sin], [sin, cos]]
     m00, m01, m10, m11 = 1.0 + sx * sy, sx, sy, ops.ones_like(sy)
-    a0, a1 = m00 * cos + m01 * sin, -m00 * sin + m01 * cos
-    b0, b1 = m10 * cos + m11 * sin, -m10 * sin + m11 * cos
-    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
-    ux = cx + ops.cast(tx, "float32")
-    uy = cy + ops.cast(ty, "float32")
-    a2 = cx - (a0 * ux + a1 * uy)
-    b2 = cy - (b0 * ux + b1 * uy)
-    zeros = ops.zeros_like(a0)
-    return ops.stack([a0, a1, a2, b0, b1, b2, zeros, zeros], axis=-1)
+    return about_centre(
+        ((m00 * cos + m01 * sin, -m00 * sin + m01 * cos),
+         (m10 * cos + m11 * sin, -m10 * sin + m11 * cos)), tx, ty, height, width)
 
 
 @keras.saving.register_keras_serializable(package="stl10_keras")

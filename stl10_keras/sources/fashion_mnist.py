@@ -149,38 +149,9 @@ def load_arrays(data_dir: str | None, download: bool) -> tuple[tuple, str]:
 
 
 def _load_tfds(data_dir: str | None, download: bool) -> tuple:
-    import logging
-
-    import tensorflow_datasets as tfds
-
-    from stl10_keras.runtime import tensorflow_available
-
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(max(level, logging.ERROR))
-    try:
-        builder = tfds.builder(NAME, data_dir=data_dir)
-        prepared = builder.is_prepared()
-    finally:
-        absl_logger.setLevel(level)
-    if not prepared and (not download or not data_lib.host_reachable(TFDS_HOST)):
-        raise DataUnavailableError(missing_message(data_dir))
-    tensorflow_available()  # loads it quietly, before tfds does
-    if not prepared:
-        try:
-            builder.download_and_prepare()
-        except Exception as e:  # network / disk errors from tfds
-            raise DataUnavailableError(
-                f"Downloading Fashion-MNIST failed ({type(e).__name__}). "
-                + missing_message(data_dir)) from None
-
-    def as_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
-        ds = builder.as_dataset(split=split, as_supervised=True).batch(4096)
-        xs, ys = zip(*tfds.as_numpy(ds))
-        return (np.concatenate(xs).astype(np.uint8),
-                np.concatenate(ys).astype(np.int32))
-
-    return (*as_numpy("train"), *as_numpy("test"))
+    arrays = data_lib.tfds_arrays(NAME, "Fashion-MNIST", data_dir, download,
+                                  TFDS_HOST, missing_message(data_dir), batch=4096)
+    return (*arrays["train"], *arrays["test"])
 
 
 def draw_labeled(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:

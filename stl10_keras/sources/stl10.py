@@ -8,7 +8,6 @@ unlabeled images are streamed (a memory map of `unlabeled_X.bin`, or tfds'
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tarfile
@@ -18,7 +17,6 @@ from typing import Iterator
 import numpy as np
 
 from stl10_keras import data as data_lib
-from stl10_keras import runtime
 from stl10_keras.data import DataUnavailableError, Splits, finish_splits
 
 CLASS_NAMES = (
@@ -179,39 +177,10 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
                      download: bool) -> Splits:
     import tensorflow_datasets as tfds
 
-    # Looking for a prepared copy needs no TensorFlow; tfds logs "Variant folder
-    # DIR/stl10/1.0.0 has no dataset_info.json" (absl, WARNING) where there is
-    # none, which the DataUnavailableError below says better.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(max(level, logging.ERROR))
-    try:
-        builder = tfds.builder("stl10", data_dir=data_dir)
-        prepared = builder.is_prepared()
-    finally:
-        absl_logger.setLevel(level)
-    if not prepared and (not download or not data_lib.host_reachable(URL_HOST)):
-        raise DataUnavailableError(offline_message(data_dir))
-    runtime.tensorflow_available()  # loads it quietly, before tfds does
-    if not prepared:
-        try:
-            builder.download_and_prepare()
-        except Exception as e:  # network / disk errors from tfds
-            raise DataUnavailableError(
-                f"Downloading STL-10 failed ({type(e).__name__}). "
-                + offline_message(data_dir)
-            ) from None
-
-    def as_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
-        ds = builder.as_dataset(split=split, as_supervised=True).batch(1024)
-        xs, ys = [], []
-        for x, y in tfds.as_numpy(ds):
-            xs.append(x)
-            ys.append(y)
-        return np.concatenate(xs).astype(np.uint8), np.concatenate(ys).astype(np.int32)
-
-    x, y = as_numpy("train")
-    x_test, y_test = as_numpy("test")
+    arrays = data_lib.tfds_arrays("stl10", "STL-10", data_dir, download, URL_HOST,
+                                  offline_message(data_dir))
+    (x, y), (x_test, y_test) = arrays["train"], arrays["test"]
+    builder = arrays["builder"]
     splits_info = builder.info.splits
     num_unlabeled = (splits_info["unlabelled"].num_examples
                      if "unlabelled" in splits_info else None)
