@@ -224,6 +224,10 @@ def export_saved_model(
     return final
 
 
+class ExportError(RuntimeError):
+    """A run cannot be exported; the message says what to do."""
+
+
 def temporary_dir(export_dir: str | os.PathLike, version: int) -> Path:
     """Where version `version` is written before it is renamed into place.
 
@@ -259,11 +263,44 @@ def export_keras_file(
                               version)
 
 
+def export_from_any_backend(model, model_path: str | os.PathLike,
+                            export_dir: str | os.PathLike,
+                            class_names: Sequence[str], version: int) -> Path:
+    """Export the SavedModel; under another backend, from model.keras in TensorFlow.
+
+    The export graph (serving signatures, image decoding) is TensorFlow, so a
+    model trained under JAX is exported by a TensorFlow-backend subprocess from
+    the `model.keras` just saved: the same weights, the same layers.
+
+    Raises:
+        ExportError: the subprocess failed (its last line says why).
+    """
+    import subprocess
+
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        return export_saved_model(model, export_dir, class_names, version)
+    package_root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, KERAS_BACKEND="tensorflow",
+               PYTHONPATH=os.pathsep.join(
+                   p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
+    script = ("import sys; from stl10_keras.export import export_keras_file; "
+              "print(export_keras_file(sys.argv[1], sys.argv[2], sys.argv[4:], "
+              "int(sys.argv[3])))")
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(model_path), str(export_dir),
+         str(version), *class_names], env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ExportError(
+            f"The SavedModel export (a TensorFlow-backend process reading "
+            f"{model_path}) failed: {last}; the trained model is in {model_path}."
+        )
+    return Path(proc.stdout.strip().splitlines()[-1])
+
+
 # --- python -m stl10_keras.export ----------------------------------------------
-
-
-class ExportError(RuntimeError):
-    """A run cannot be exported; the message says what to do."""
 
 
 def build_parser() -> argparse.ArgumentParser:

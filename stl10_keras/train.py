@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -514,39 +513,12 @@ def _export_once(model, model_path: Path, run: _Run, class_names) -> Path:
     else:
         version = next_version(base)
         atomic_write_json(record, {"export_dir": str(base), "version": version})
-    return _export(model, model_path, base, class_names, version)
+    from stl10_keras.export import ExportError, export_from_any_backend
 
-
-def _export(model, model_path: Path, export_dir, class_names, version: int) -> Path:
-    """Export the SavedModel; under another backend, from model.keras in TensorFlow.
-
-    The export graph (serving signatures, image decoding) is TensorFlow, so a
-    model trained under JAX is exported by a TensorFlow-backend subprocess from
-    the `model.keras` just saved: the same weights, the same layers.
-    """
-    import keras
-
-    from stl10_keras import export
-
-    if keras.backend.backend() == "tensorflow":
-        return export.export_saved_model(model, export_dir, class_names, version)
-    package_root = str(Path(export.__file__).resolve().parents[1])
-    env = dict(os.environ, KERAS_BACKEND="tensorflow",
-               PYTHONPATH=os.pathsep.join(
-                   p for p in (package_root, os.environ.get("PYTHONPATH")) if p))
-    script = ("import sys; from stl10_keras.export import export_keras_file; "
-              "print(export_keras_file(sys.argv[1], sys.argv[2], sys.argv[4:], "
-              "int(sys.argv[3])))")
-    proc = subprocess.run(
-        [sys.executable, "-c", script, str(model_path), str(export_dir),
-         str(version), *class_names], env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise TrainingError(
-            f"The SavedModel export (a TensorFlow-backend process reading "
-            f"{model_path}) failed: {last}; the trained model is in {model_path}."
-        )
-    return Path(proc.stdout.strip().splitlines()[-1])
+    try:
+        return export_from_any_backend(model, model_path, base, class_names, version)
+    except ExportError as e:
+        raise TrainingError(str(e)) from None
 
 
 def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
