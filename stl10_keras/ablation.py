@@ -14,6 +14,10 @@ identical, N seeds each, one run directory per run:
 
 Rerunning the same command skips finished runs and resumes an interrupted one
 from its last completed epoch.
+
+The module reads as the command runs, plan -> train -> summarise -> write
+(table, Figure 8, curves, HParams); at about 640 lines it is kept whole
+because each output is a few small functions that only this command uses.
 """
 
 from __future__ import annotations

@@ -37,6 +37,10 @@ The masked derivation (statistics over the unmasked positions, docs/backprop.md)
 gets every batch-norm check again, with the mask as `weights`: padded
 sequences `(batch, 5, channels)` and a fully masked batch, against the masked
 forward pass written plainly, and `ManualBatchNorm(x, mask=...)` against numpy.
+
+One check per quantity of the derivation, in the order of the table it
+prints; the module (about 650 lines) is kept whole so that the checks read in
+the derivation's order next to their references.
 """
 
 from __future__ import annotations
