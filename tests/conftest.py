@@ -25,3 +25,31 @@ def subprocess_env(**extra):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
+
+
+def saved_model_vs_keras(version_dir, model_path):
+    """In a fresh process, the digits validation images through a SavedModel's
+    `serving_default` and through `model.keras`: the largest difference of their
+    probabilities and the SavedModel's accuracy.
+    """
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import numpy as np, tensorflow as tf
+        from stl10_keras.data import load_splits
+        from stl10_keras.model import load_model
+        s = load_splits("digits", seed=0)
+        fn = tf.saved_model.load({str(version_dir)!r}).signatures["serving_default"]
+        probs = fn(images=tf.constant(s.x_val))["probabilities"].numpy()
+        model = load_model({str(model_path)!r})
+        logits = model.predict(s.x_val.astype("float32"), verbose=0)
+        print(np.abs(probs - tf.nn.softmax(logits).numpy()).max(),
+              np.mean(probs.argmax(1) == s.y_val))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    diff, accuracy = map(float, out.stdout.split()[-2:])
+    return diff, accuracy
+

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -17,7 +16,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import FAST_XLA, ROOT, subprocess_env  # noqa: E402
+from conftest import FAST_XLA, ROOT, saved_model_vs_keras, subprocess_env  # noqa: E402
 from stl10_keras.config import Config, ConfigError, preset  # noqa: E402
 from stl10_keras.semisupervised import (  # noqa: E402
     METRIC_NAMES,
@@ -321,22 +320,7 @@ def test_fixmatch_trains_logs_exports_the_ema_weights_from_the_cli(fixmatch_run)
     assert (run / "logs" / "train").is_dir()
     # The export is an ordinary SavedModel of model.keras, which holds the
     # averaged weights: validation accuracy reproduced from both.
-    script = textwrap.dedent(f"""
-        import numpy as np, tensorflow as tf
-        from stl10_keras.data import load_splits
-        from stl10_keras.model import load_model
-        s = load_splits("digits", seed=0)
-        fn = tf.saved_model.load({str(export / "1")!r}).signatures["serving_default"]
-        probs = fn(images=tf.constant(s.x_val))["probabilities"].numpy()
-        model = load_model({str(run / "model.keras")!r})
-        logits = model.predict(s.x_val.astype("float32"), verbose=0)
-        print(np.abs(probs - tf.nn.softmax(logits).numpy()).max(),
-              np.mean(probs.argmax(1) == s.y_val))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    diff, accuracy = map(float, out.stdout.split()[-2:])
+    diff, accuracy = saved_model_vs_keras(export / "1", run / "model.keras")
     assert diff < 1e-5
     assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
 

@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, saved_model_vs_keras, subprocess_env
 from stl10_keras.config import Config, ConfigError, preset
 from stl10_keras.cli import build_train_parser as build_parser, config_from_args
 
@@ -368,22 +367,7 @@ def test_smoke_run_end_to_end(tmp_path):
         assert device_line[0].startswith("training on the CPU")
     assert (run / "logs" / "train").is_dir() and (export / "1" / "saved_model.pb").exists()
     # The SavedModel reproduces the saved Keras model and the reported accuracy.
-    script = textwrap.dedent(f"""
-        import numpy as np, tensorflow as tf, keras
-        from stl10_keras.data import load_splits
-        s = load_splits("digits", seed=0)
-        fn = tf.saved_model.load({str(export / "1")!r}).signatures["serving_default"]
-        probs = fn(images=tf.constant(s.x_val))["probabilities"].numpy()
-        from stl10_keras.model import load_model
-        model = load_model({str(run / "model.keras")!r})
-        logits = model.predict(s.x_val.astype("float32"), verbose=0)
-        print(np.abs(probs - tf.nn.softmax(logits).numpy()).max(),
-              np.mean(probs.argmax(1) == s.y_val))
-    """)
-    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=subprocess_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    diff, accuracy = map(float, out.stdout.split()[-2:])
+    diff, accuracy = saved_model_vs_keras(export / "1", run / "model.keras")
     assert diff < 1e-5
     assert accuracy == pytest.approx(metrics["val_accuracy"], abs=1e-9)
     # It ends with what to try next, on this run's paths.
