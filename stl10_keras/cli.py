@@ -90,6 +90,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--learning-rate", type=float, default=None)
     g.add_argument("--lr-decay", type=float, default=None,
                    help="inverse-time decay per step: lr / (1 + decay * step)")
+    g.add_argument("--lr-schedule", default=None, choices=cfg.LR_SCHEDULES,
+                   help="inverse-time (the lab's, with --lr-decay) or cosine "
+                        "(to 0 at the last step)")
     g.add_argument("--weight-decay", type=float, default=None)
     g.add_argument("--momentum", type=float, default=None)
     g.add_argument("--mixed-precision", action="store_true", default=None,
@@ -160,7 +163,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
         (d, "image_size", args.image_size), (d, "channels", args.channels),
         (t, "seed", args.seed), (t, "epochs", args.epochs),
         (t, "batch_size", args.batch_size), (t, "learning_rate", args.learning_rate),
-        (t, "lr_decay", args.lr_decay), (t, "weight_decay", args.weight_decay),
+        (t, "lr_decay", args.lr_decay), (t, "lr_schedule", args.lr_schedule),
+        (t, "weight_decay", args.weight_decay),
         (t, "momentum", args.momentum), (t, "mixed_precision", args.mixed_precision),
         (m, "widths", args.widths), (m, "fc_units", args.fc_units),
         (m, "kernel_size", args.kernel_size),

@@ -21,6 +21,9 @@ ALL_VARIANTS = VARIANTS + ("fixmatch",)
 SEMI_SUPERVISED_METHODS = ("none", "fixmatch")
 PRESETS = ("default", "paper", "smoke")
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # RandomAffine's fill modes
+# The lab's Torch decay, or a cosine to zero over the run (lets a fixed number of
+# epochs converge; FixMatch's own schedule is a cosine too).
+LR_SCHEDULES = ("inverse-time", "cosine")
 
 
 class ConfigError(ValueError):
@@ -159,6 +162,9 @@ class TrainConfig:
         batch_size: images per step.
         learning_rate: initial SGD learning rate.
         lr_decay: inverse-time decay per step, `lr_t = lr / (1 + lr_decay * t)`.
+        lr_schedule: `inverse-time` (the lab's, with `lr_decay`) or `cosine`:
+            `lr_t = lr * (1 + cos(pi * t / T)) / 2` over the run's T steps, to 0
+            at the last step (`lr_decay` is not used).
         weight_decay: L2 weight decay.
         momentum: SGD momentum.
         seed: seeds the split, the weights, augmentation and k-means.
@@ -169,6 +175,7 @@ class TrainConfig:
     batch_size: int = 32
     learning_rate: float = 0.01
     lr_decay: float = 1e-7
+    lr_schedule: str = "inverse-time"
     weight_decay: float = 5e-4
     momentum: float = 0.5
     seed: int = 0
@@ -401,6 +408,7 @@ def validate(config: Config) -> None:
     check_choice(config.preset, PRESETS, "preset")
     check_choice(d.dataset, DATASETS, "dataset")
     check_choice(config.variant, ALL_VARIANTS, "variant")
+    check_choice(config.train.lr_schedule, LR_SCHEDULES, "lr-schedule")
     _validate_semi_supervised(config)
     if not m.widths or any(w < 1 for w in m.widths):
         raise ConfigError("--widths needs one positive filter count per stage, e.g. 64,128.")

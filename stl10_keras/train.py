@@ -48,19 +48,33 @@ class TrainingError(RuntimeError):
     """Training cannot go on; the message says what to change."""
 
 
-def optimizer(t: cfg.TrainConfig, ema_decay: float | None = None):
+def optimizer(t: cfg.TrainConfig, ema_decay: float | None = None,
+              steps_per_epoch: int | None = None):
     """The lab's SGD; with `ema_decay`, it also keeps a moving average of the
-    weights (keras' `use_ema`), which evaluation and export use (FixMatch)."""
+    weights (keras' `use_ema`), which evaluation and export use (FixMatch).
+    `steps_per_epoch` sizes the cosine schedule (`t.epochs` of them)."""
     import keras
 
-    # Torch's optim.sgd learningRateDecay: lr_t = lr / (1 + decay * t).
-    schedule = keras.optimizers.schedules.InverseTimeDecay(
-        t.learning_rate, decay_steps=1, decay_rate=t.lr_decay
-    )
     ema = {} if ema_decay is None else {"use_ema": True, "ema_momentum": ema_decay}
     return keras.optimizers.SGD(
-        learning_rate=schedule, momentum=t.momentum, weight_decay=t.weight_decay,
-        **ema
+        learning_rate=learning_rate_schedule(t, steps_per_epoch),
+        momentum=t.momentum, weight_decay=t.weight_decay, **ema
+    )
+
+
+def learning_rate_schedule(t: cfg.TrainConfig, steps_per_epoch: int | None = None):
+    """The step -> learning rate function `t.lr_schedule` names."""
+    import keras
+
+    if t.lr_schedule == "cosine":
+        if not steps_per_epoch:
+            raise ValueError("the cosine schedule needs the run's steps_per_epoch")
+        # keras holds the rate at alpha (0) from decay_steps on.
+        return keras.optimizers.schedules.CosineDecay(
+            t.learning_rate, decay_steps=t.epochs * steps_per_epoch, alpha=0.0)
+    # Torch's optim.sgd learningRateDecay: lr_t = lr / (1 + decay * t).
+    return keras.optimizers.schedules.InverseTimeDecay(
+        t.learning_rate, decay_steps=1, decay_rate=t.lr_decay
     )
 
 
@@ -82,12 +96,13 @@ def jit_compile_setting():
 
 def compile_training_model(training_model, t: cfg.TrainConfig,
                            steps_per_execution: int = 1,
-                           ema_decay: float | None = None) -> None:
+                           ema_decay: float | None = None,
+                           steps_per_epoch: int | None = None) -> None:
     """Compile the training model as every run does (benchmarks time this step)."""
     import keras
 
     training_model.compile(
-        optimizer=optimizer(t, ema_decay),
+        optimizer=optimizer(t, ema_decay, steps_per_epoch),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile_setting(),
@@ -260,7 +275,12 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
                 augmentation = _augmentation_layer(config, splits, run.dir)
             training_model = build_training_model(model, augmentation)
         ema_decay = config.semi_supervised.ema_decay if _fixmatch(config) else None
-        compile_training_model(training_model, t, ema_decay=ema_decay)
+        # A labeled epoch's steps (FixMatch's too); a data-parallel stream may
+        # cut a tiny last batch to nothing, which only holds the cosine's 0 a
+        # step early.
+        compile_training_model(
+            training_model, t, ema_decay=ema_decay,
+            steps_per_epoch=data_lib.num_batches(len(splits.y_train), t.batch_size))
         # Kept when fit returns: the last epoch's state until the final
         # weights are on disk (`_keep_final`).
         backup = cb.backup_and_restore(backup_dir)

@@ -92,6 +92,7 @@ def test_bad_values_raise_a_config_error_naming_the_flag(flags, needle):
     ("augment", "fill_mode", "mirror", "fill_mode"),
     ("data", "shuffle_buffer", 0, "shuffle_buffer"),
     ("kmeans", "zca_epsilon", 0.0, "zca_epsilon"),
+    ("train", "lr_schedule", "step", "lr-schedule"),
 ])
 def test_bad_config_file_values_name_the_field(tmp_path, section, key, value, needle):
     d = preset("smoke", "digits").to_dict()
@@ -390,6 +391,38 @@ def test_smoke_run_end_to_end(tmp_path):
                  "--epochs", "2", "--run-dir", str(other), "--no-export")
     assert clash.returncode == 2 and "different config" in clash.stderr
     assert "Traceback" not in clash.stderr
+
+
+def _epoch_scalars(log_dir, tag: str) -> list[float]:
+    """A scalar per epoch as TensorBoard's own reader sees it."""
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+    from tensorboard.util.tensor_util import make_ndarray
+
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    return [float(make_ndarray(event.tensor_proto))
+            for event in sorted(events.Tensors(tag), key=lambda e: e.step)]
+
+
+def test_the_cosine_schedule_reaches_zero_at_the_last_step(tmp_path):
+    run = tmp_path / "run"
+    proc = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "baseline",
+                "--epochs", "3", "--lr-schedule", "cosine", "--learning-rate", "0.05",
+                "--run-dir", str(run), "--no-export", "--verbose", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # The learning rate keras' TensorBoard callback logs after each epoch
+    # (at step e * S of the run's 3 * S) against the formula, S from the data.
+    config = Config.from_json((run / "config.json").read_text())
+    assert config.train.lr_schedule == "cosine"
+    train_images = json.loads((run / "metrics.json").read_text())["data"]["train"]
+    steps = -(-train_images // config.train.batch_size)
+    total = 3 * steps
+    expected = [0.05 * (1 + np.cos(np.pi * e * steps / total)) / 2 for e in (1, 2, 3)]
+    logged = _epoch_scalars(run / "logs" / "train", "epoch_learning_rate")
+    np.testing.assert_allclose(logged, expected, rtol=1e-5, atol=1e-9)
+    assert logged[-1] == 0.0
 
 
 @pytest.mark.e2e
