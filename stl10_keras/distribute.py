@@ -365,6 +365,10 @@ def _shard_tf_dataset(ds, replicas: int, processes: int, process_id: int,
 def sharded_batches(batches, replicas: int, processes: int, process_id: int):
     """`Distributed.shard_batches` for a `keras.utils.PyDataset` of numpy batches.
 
+    Batches are `(images, labels)`, or FixMatch's `((labeled, unlabeled),
+    (labels, unlabeled_labels))`, whose two parts are cut alike, each by its
+    own size. Which batches survive the cut follows from the labeled sizes
+    (`batches.batch_sizes` when given, so that they need not be read).
     (A factory, so that importing this module does not import keras.)
     """
     import keras
@@ -376,7 +380,8 @@ def sharded_batches(batches, replicas: int, processes: int, process_id: int):
             # which do not change between epochs (a stream of several epochs
             # says how many batches one has).
             self._period = getattr(batches, "steps_per_epoch", len(batches))
-            sizes = [len(batches[i][1]) for i in range(self._period)]
+            sizes = getattr(batches, "batch_sizes", None) or [
+                len(batches[i][1]) for i in range(self._period)]
             self._keep = [i for i, n in enumerate(sizes) if n >= replicas]
             self._epochs = len(batches) // self._period if self._period else 0
             self.steps_per_epoch = len(self._keep)
@@ -387,12 +392,17 @@ def sharded_batches(batches, replicas: int, processes: int, process_id: int):
         def __getitem__(self, index: int):
             epoch, step = divmod(index, len(self._keep))
             images, labels = batches[epoch * self._period + self._keep[step]]
-            start, stop = rows_for_process(len(labels), replicas, processes,
-                                           process_id)
-            return images[start:stop], labels[start:stop]
+            if isinstance(images, tuple):  # FixMatch: (labeled, unlabeled) parts
+                parts = [take_rows(x, y) for x, y in zip(images, labels)]
+                return tuple(p[0] for p in parts), tuple(p[1] for p in parts)
+            return take_rows(images, labels)
 
         def on_epoch_end(self) -> None:
             batches.on_epoch_end()
+
+    def take_rows(images, labels):
+        start, stop = rows_for_process(len(labels), replicas, processes, process_id)
+        return images[start:stop], labels[start:stop]
 
     return ShardedBatches()
 

@@ -63,7 +63,11 @@ def fixmatch_unlabeled_terms(weak_logits, strong_logits, threshold: float) -> di
     ce = keras.losses.sparse_categorical_crossentropy(
         pseudo_labels, ops.cast(strong_logits, "float32"), from_logits=True)
     per_image = mask * ce
-    return {"loss": ops.mean(per_image), "per_image": per_image, "mask": mask,
+    # mean(per_image) through keras' own reduction, which also divides by the
+    # replica count under a tf.distribute strategy, as the supervised term is.
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)(
+        pseudo_labels, ops.cast(strong_logits, "float32"), sample_weight=mask)
+    return {"loss": loss, "per_image": per_image, "mask": mask,
             "pseudo_labels": pseudo_labels}
 
 

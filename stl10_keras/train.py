@@ -211,9 +211,6 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     from stl10_keras.distribute import check_batch_size
 
     check_batch_size(config.train.batch_size, dist.replicas)
-    if _fixmatch(config) and dist.mode != "none":
-        raise ConfigError("--semi-supervised fixmatch trains on one device; drop "
-                          "--distribution.")
     has_tf = runtime.tensorflow_installed()  # imported after the checks below
     if not has_tf and config.augment.enabled and config.augment.on == "cpu":
         raise ConfigError("--augment-on cpu runs in tf.data, and TensorFlow is not "
@@ -295,9 +292,9 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
             from stl10_keras.unlabeled import fixmatch_batches
 
             # Epoch e's unlabeled batches follow from e: resumed runs match.
-            train_ds = fixmatch_batches(
+            train_ds = dist.shard_batches(fixmatch_batches(
                 splits, t.batch_size, config.semi_supervised.unlabeled_ratio,
-                t.seed, stream)
+                t.seed, stream))
         else:
             train_ds = dist.shard_batches(data_lib.make_batches(
             splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,

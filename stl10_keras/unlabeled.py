@@ -144,6 +144,9 @@ def fixmatch_batches(splits, batch_size: int, unlabeled_ratio: int, seed: int,
         `e * steps_per_epoch + i`."""
 
         steps_per_epoch = steps
+        # Labeled images per step (`Distributed.shard_batches` cuts by them).
+        batch_sizes = [min(batch_size, len(splits.y_train) - i * batch_size)
+                       for i in range(steps)]
 
         def __len__(self) -> int:
             return len(labeled)

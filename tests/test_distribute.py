@@ -249,6 +249,57 @@ def test_jax_data_parallel_over_two_host_devices_matches_one_device(tmp_path):
         ("data-parallel", 2, 1)
 
 
+# FixMatch on the same tiny net: 40 labeled + 80 unlabeled images a step, the
+# weak (flip + shift) and strong views drawn on the devices.
+FIXMATCH_TINY = [*TINY, "--variant", "augment", "--semi-supervised", "fixmatch"]
+
+
+def test_fixmatch_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_COMPARE), str(tmp_path), "mirrored",
+         "cpu:0,cpu:1", *FIXMATCH_TINY], cwd=ROOT,
+        env=subprocess_env(KERAS_BACKEND="tensorflow"), capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    one, mirrored = result["losses"]["one"], result["losses"]["mirrored"]
+    # As the supervised test above: each replica normalises with its own half
+    # of the (1 + 2 mu) B views and draws its own augmentations, so not
+    # bit-equal; gradients summed, not averaged, or --batch-size taken per
+    # replica would move the loss more. That the replicas' losses add up to
+    # the batch's (the unlabeled term too) is tested in test_semisupervised.
+    np.testing.assert_allclose(mirrored, one, rtol=0.02)
+    m = metrics_of(tmp_path / "mirrored")
+    assert m["replicas"] == 2 and m["semi_supervised"] == "fixmatch"
+    assert {"mask_rate", "unlabeled_loss", "pseudo_label_accuracy"} <= \
+        set(m["history"][-1])
+
+
+@needs_jax
+def test_fixmatch_jax_data_parallel_over_two_host_devices_matches_one_device(
+        tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", NO_TENSORFLOW + textwrap.dedent(_COMPARE),
+         str(tmp_path), "data-parallel", "", *FIXMATCH_TINY,
+         # every weak view above tau (1/10 classes): the unlabeled term counts
+         # from the first step. One epoch: later, where a pseudo-label's
+         # argmax is a near tie, the order of float sums can flip it.
+         "--confidence-threshold", "0.1"],
+        cwd=ROOT, env=subprocess_env(KERAS_BACKEND="jax", XLA_FLAGS=(
+            f"--xla_force_host_platform_device_count=2 {FAST_XLA}")),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["replicas"] == 2
+    one, parallel = result["losses"]["one"], result["losses"]["data-parallel"]
+    # One program over the global batch: the same views, the same batch
+    # statistics, the same loss as one device up to the order of float sums.
+    np.testing.assert_allclose(parallel, one, rtol=1e-4)
+    m = metrics_of(tmp_path / "data-parallel")
+    assert (m["distribution"], m["replicas"], m["semi_supervised"]) == \
+        ("data-parallel", 2, "fixmatch")
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

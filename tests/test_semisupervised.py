@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -278,12 +279,68 @@ def test_stl10_files_train_with_their_unlabeled_split_or_get_one_sentence(tmp_pa
     assert not (tmp_path / "none").exists()
 
 
-def test_distribution_with_fixmatch_is_one_sentence(tmp_path):
-    proc = _cli("--dataset", "digits", "--preset", "smoke", "--variant", "fixmatch",
-                "--distribution", "mirrored", "--devices", "cpu:0,cpu:1",
-                "--run-dir", str(tmp_path / "run"), "--no-export")
-    assert proc.returncode == 2
-    assert "one device" in proc.stderr and "Traceback" not in proc.stderr
+_MIRRORED_LOSS = """
+    import json
+    import numpy as np
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from stl10_keras.config import preset
+    from stl10_keras.model import build_model
+    from stl10_keras.semisupervised import build_fixmatch_model
+
+    def fixmatch():
+        config = preset("smoke", "digits", "fixmatch")
+        config.model.widths, config.model.fc_units = (4,), 8
+        config.model.convs_per_stage, config.kmeans.stages = (1,), ()
+        config.semi_supervised.confidence_threshold = 0.3
+        config.semi_supervised.unlabeled_weight = 2.0
+        fm = build_fixmatch_model(config, build_model(config, (8, 8, 3)))
+        fm.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        return fm
+
+    rng = np.random.default_rng(0)
+    labeled = rng.normal(0, 1, (8, 10)).astype("float32")
+    weak = rng.normal(0, 2, (16, 10)).astype("float32")
+    strong = rng.normal(0, 1, (16, 10)).astype("float32")
+    labels = rng.integers(0, 10, 8).astype("int32")
+    truth = np.full(16, -1, "int32")
+    whole = float(fixmatch().compute_loss(
+        None, (labels, truth), (labeled, weak, strong), training=True))
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    with strategy.scope():
+        fm = fixmatch()
+    def halves(ctx):  # replica r gets rows [r n/2, (r+1) n/2) of each array
+        r = ctx.replica_id_in_sync_group
+        return [tf.constant(a[r * len(a) // 2:(r + 1) * len(a) // 2])
+                for a in (labeled, weak, strong, labels, truth)]
+    parts = strategy.experimental_distribute_values_from_function(halves)
+    def step(l, w, s, y, t):
+        return fm.compute_loss(None, (y, t), (l, w, s), training=True)
+    per_replica = strategy.run(step, args=tuple(parts))
+    summed = float(strategy.reduce("SUM", per_replica, axis=None))
+    p = np.exp(weak - weak.max(-1, keepdims=True))
+    masked = int((p.max(-1) / p.sum(-1) >= 0.3).sum())
+    print(json.dumps({"whole": whole, "summed": summed, "masked": masked}))
+"""
+
+
+def test_under_a_mirrored_strategy_the_replicas_losses_sum_to_the_whole_batchs():
+    # tf.distribute sums the replicas' gradients, so each replica's loss must
+    # be its share of the global mean: keras' losses divide by the replica
+    # count, and FixMatch's unlabeled term has to as well (a plain mean there
+    # counted it twice over two replicas).
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(_MIRRORED_LOSS)],
+                          cwd=ROOT, env=subprocess_env(KERAS_BACKEND="tensorflow"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert 0 < result["masked"] < 16  # both halves of the loss count
+    assert result["summed"] == pytest.approx(result["whole"], rel=1e-5)
 
 
 # Batches of 40 divide digits' 400 training images: every step's loss counts
