@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 from stl10_keras import config as cfg
 from stl10_keras import runtime
 from stl10_keras.config import Config, ConfigError
+from stl10_keras.io_utils import check_output_dir
 
 if TYPE_CHECKING:
     from stl10_keras.distribute import Distributed, DistributionOptions
@@ -337,11 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = config_from_args(args)
-        distribution = _setup_distribution(args, config)
         name = default_run_name(config)
         run_dir = Path(args.run_dir or Path("runs") / name)
         export_dir = None if args.no_export else (
             args.export_dir or str(Path("saved_models") / name))
+        # train() checks them too; here they are refused before a
+        # --distribution loads keras and starts its devices.
+        check_output_dir(run_dir, "--run-dir")
+        if export_dir is not None:
+            check_output_dir(export_dir, "--export-dir")
+        distribution = _setup_distribution(args, config)
         finished = (run_dir / "metrics.json").exists() and not args.overwrite
         metrics = train(config, run_dir, export_dir, overwrite=args.overwrite,
                         verbose=args.verbose, distribution=distribution)

@@ -279,10 +279,12 @@ def test_non_finite_values_are_refused_before_tensorflow_loads(tmp_path, flags,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("distribution", [
+    [], ["--distribution", "mirrored", "--devices", "cpu:0,cpu:1"]])
 @pytest.mark.parametrize("flag", ["--export-dir", "--run-dir"])
 @pytest.mark.parametrize("where", ["file", "under_a_file"])
 def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, flag,
-                                                                 where):
+                                                                 where, distribution):
     # --export-dir naming a file used to train the whole run, then end in a
     # FileExistsError traceback (and, on each rerun, train again).
     mine = tmp_path / "notes.txt"
@@ -291,7 +293,7 @@ def test_an_output_dir_that_is_a_file_is_refused_before_any_work(tmp_path, flag,
     dirs = {"--run-dir": str(tmp_path / "run"), "--export-dir": str(tmp_path / "e")}
     dirs[flag] = str(path)
     rc, err, loaded = _refusal_before_tensorflow(
-        "--dataset", "digits", "--preset", "smoke",
+        "--dataset", "digits", "--preset", "smoke", *distribution,
         *(x for item in dirs.items() for x in item))
     assert rc == 2 and not loaded
     want = "is a file, not a directory" if where == "file" else \
