@@ -76,6 +76,27 @@ def parse_variants(text: str) -> tuple[str, ...]:
     return tuple(v for v in cfg.ALL_VARIANTS if v in names)
 
 
+def parse_variant_seeds(text: str) -> dict[str, int]:
+    """`--variant-seeds fixmatch=1[,kmeans1=2]`: fewer seeds for costly variants."""
+    out: dict[str, int] = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        name, _, count = item.partition("=")
+        name = name.strip()
+        if name not in cfg.ALL_VARIANTS or not count.strip().isdigit() \
+                or int(count) < 1:
+            raise argparse.ArgumentTypeError(
+                f"expected VARIANT=N with N >= 1 and VARIANT from "
+                f"{','.join(cfg.ALL_VARIANTS)}, e.g. fixmatch=1; got '{item}'")
+        if name == "baseline":
+            raise argparse.ArgumentTypeError(
+                "baseline trains every seed of --seeds (each variant is compared "
+                "with the baseline of its seed); leave it out")
+        out[name] = int(count)
+    if not out:
+        raise argparse.ArgumentTypeError("expected VARIANT=N, e.g. fixmatch=1")
+    return out
+
+
 # --- command line ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "four + fixmatch); default the lab's four")
     g.add_argument("--seeds", type=int, default=3,
                    help="seeds per variant: 0..N-1 (default 3)")
+    g.add_argument("--variant-seeds", type=parse_variant_seeds, default={},
+                   metavar="VARIANT=N[,...]",
+                   help="fewer seeds (0..N-1) for the named variants, e.g. "
+                        "fixmatch=1 for a costly one; N <= --seeds")
     g.add_argument("--run-dir", default=None,
                    help="ablation directory (default runs/ablation_DATASET[_PRESET])")
     g.add_argument("--verbose", type=int, choices=(0, 1, 2), default=2,
@@ -138,6 +163,15 @@ def plan_configs(args: argparse.Namespace) -> dict[tuple[str, int], Config]:
             "(fixmatch for --variants all); drop the flag.")
     if args.seeds < 1:
         raise ConfigError("--seeds must be at least 1.")
+    variant_seeds = getattr(args, "variant_seeds", {}) or {}
+    for variant, count in variant_seeds.items():
+        if variant not in args.variants:
+            raise ConfigError(f"--variant-seeds names {variant}, which is not in "
+                              "--variants; add it there or drop it here.")
+        if count > args.seeds:
+            raise ConfigError(f"--variant-seeds {variant}={count} asks for more "
+                              f"seeds than --seeds {args.seeds}; lower it or raise "
+                              "--seeds.")
     from stl10_keras.cli import config_from_args
 
     # Resolve the flags on the baseline, which any valid model can train; each
@@ -148,6 +182,8 @@ def plan_configs(args: argparse.Namespace) -> dict[tuple[str, int], Config]:
     plan = {}
     for seed in range(args.seeds):
         for variant in args.variants:
+            if seed >= variant_seeds.get(variant, args.seeds):
+                continue
             config = Config.from_dict(base.to_dict())
             config.variant = variant
             config.train.seed = seed
@@ -263,6 +299,7 @@ def summarize(
         "preset": first.preset,
         "epochs": first.train.epochs,
         "seeds": seeds,
+        "seeds_per_variant": {v: len(_variant_seeds(plan, v)) for v in order},
         "metric": "accuracy of the final model on the held-out validation split "
                   "(the lab's Table 1 metric) and on the test split",
         "std": "sample standard deviation over seeds (ddof=1); null for one seed",
@@ -275,18 +312,20 @@ def summarize(
                         "evaluation; a resumed run counts only its last session",
     }
     variants: dict[str, Any] = {}
-    baseline_val = [metrics[("baseline", s)]["val_accuracy"] for s in seeds]
+    baseline_val = {s: metrics[("baseline", s)]["val_accuracy"] for s in seeds}
     for variant in order:
-        runs = [metrics[(variant, s)] for s in seeds]
+        vseeds = _variant_seeds(plan, variant)
+        runs = [metrics[(variant, s)] for s in vseeds]
         val = [m["val_accuracy"] for m in runs]
         walls = [m["wall_seconds"] for m in runs]
         entry = {
             "label": VARIANT_LABELS[variant],
-            "run_dirs": [str(ablation_dir / run_name(variant, s)) for s in seeds],
+            "seeds": vseeds,
+            "run_dirs": [str(ablation_dir / run_name(variant, s)) for s in vseeds],
             "val_accuracy": _stats(val),
             "test_accuracy": _stats([m["test_accuracy"] for m in runs]),
             "improvement_over_baseline_pct": _stats(
-                [100.0 * (v - b) for v, b in zip(val, baseline_val)]),
+                [100.0 * (v - baseline_val[s]) for v, s in zip(val, vseeds)]),
             "wall_seconds": {**_stats(walls), "total": sum(walls)},
             "val_curves": [[h["val_accuracy"] for h in m.get("history", [])
                             if "val_accuracy" in h] for m in runs],
@@ -302,6 +341,10 @@ def summarize(
     return {"protocol": protocol, "variants": variants,
             "total_wall_seconds": sum(v["wall_seconds"]["total"]
                                       for v in variants.values())}
+
+
+def _variant_seeds(plan: dict[tuple[str, int], Config], variant: str) -> list[int]:
+    return sorted(s for v, s in plan if v == variant)
 
 
 def late_change_pp(curve: Sequence[float], window: int) -> float:
@@ -328,12 +371,21 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
+def _seed_range(n: int) -> str:
+    return "seed 0" if n == 1 else f"seeds 0–{n - 1}"
+
+
 def protocol_sentence(summary: dict) -> str:
     p = summary["protocol"]
     s = p["splits"]
     seeds = p["seeds"]
     seed_text = (f"seed {seeds[0]}" if len(seeds) == 1
                  else f"seeds {seeds[0]}–{seeds[-1]} ({len(seeds)} per variant)")
+    fewer = {v: n for v, n in p.get("seeds_per_variant", {}).items()
+             if n < len(seeds)}
+    if fewer:
+        seed_text += " except " + ", ".join(
+            f"{v} ({_seed_range(n)})" for v, n in fewer.items())
     widths = ",".join(str(w) for w in p["identical_config"]["model"]["widths"])
     return (f"Protocol: dataset {p['dataset']} ({p['data_source']}); trained on "
             f"{s['train']:,} labeled images, validation accuracy on "
@@ -389,8 +441,11 @@ def render_markdown(summary: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += [
         "",
-        f"± is the sample standard deviation over the {_plural(n, 'seed')} (none "
-        "for one seed); "
+        f"± is the sample standard deviation over "
+        + (f"the {_plural(n, 'seed')}" if len(set(
+            p.get("seeds_per_variant", {}).values()) | {n}) == 1
+           else "each variant's seeds")
+        + " (none for one seed); "
         "\"vs baseline\" is the mean over seeds of the variant's validation "
         "accuracy minus the baseline's with the same seed (same split), in "
         "percentage points. Total wall time of the runs: "
@@ -433,7 +488,7 @@ def save_figure8(summary: dict, path: Path) -> None:
     has_std = all(s is not None for s in stds)
     ax.bar(x + offset, means, width, yerr=stds if has_std else None, capsize=5,
            color="#4477aa",
-           label=f"ours ({p['dataset']}, mean of {_plural(len(p['seeds']), 'seed')})")
+           label=f"ours ({p['dataset']}, mean over seeds)")
     for i, e in enumerate(entries):
         per_seed = e["improvement_over_baseline_pct"]["per_seed"]
         ax.plot([x[i] + offset] * len(per_seed), per_seed, "o", ms=4, color="black",
@@ -467,12 +522,12 @@ def save_curves(summary: dict, path: Path) -> None:
     from stl10_keras.visualize import figure_to_array, save_png
 
     p = summary["protocol"]
-    entries = [summary["variants"][v] for v in cfg.VARIANTS]
-    fig = Figure(figsize=(10.0, 3.2), dpi=100)
-    axes = fig.subplots(1, len(entries), sharey=True)
+    entries = [summary["variants"][v] for v in p["variants"]]
+    fig = Figure(figsize=(2.5 * len(entries) + 0.5, 3.2), dpi=100)
+    axes = fig.subplots(1, len(entries), sharey=True, squeeze=False)[0]
     lows = [min(c) for e in entries for c in e["val_curves"] if c]
     for ax, e in zip(axes, entries):
-        for seed, curve in zip(p["seeds"], e["val_curves"]):
+        for seed, curve in zip(e.get("seeds", p["seeds"]), e["val_curves"]):
             ax.plot(range(1, len(curve) + 1), [100.0 * x for x in curve], lw=1.2,
                     label=f"seed {seed}")
         ax.set_title(e["label"], fontsize=10)
@@ -481,7 +536,7 @@ def save_curves(summary: dict, path: Path) -> None:
     axes[0].set_ylabel("validation accuracy (%)")
     if lows:
         axes[0].set_ylim(max(0.0, 100.0 * min(lows) - 2.0), None)
-    axes[-1].legend(fontsize=8, loc="lower right")
+    axes[0].legend(fontsize=8, loc="lower right")  # baseline: every seed
     fig.suptitle(f"Validation accuracy per epoch: {p['dataset']}, {p['preset']} "
                  f"preset, {p['splits']['train']:,} training images", fontsize=10)
     fig.tight_layout()
@@ -565,6 +620,8 @@ def run_ablation(
     for seed in seeds:
         splits = None  # loaded once per seed, only if a run needs training
         for variant in order:
+            if (variant, seed) not in plan:  # --variant-seeds: fewer seeds
+                continue
             index += 1
             config = plan[(variant, seed)]
             name = run_name(variant, seed)
@@ -619,8 +676,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         ablation_dir = Path(args.run_dir) if args.run_dir else \
             default_ablation_dir(first)
         check_output_dir(ablation_dir, "--run-dir")
+        fewer = "".join(f", {v} {_plural(n, 'seed')}"
+                        for v, n in args.variant_seeds.items())
         print(f"ablation of {len(args.variants)} variants x "
-              f"{_plural(args.seeds, 'seed')} on {first.data.dataset} ({first.preset} "
+              f"{_plural(args.seeds, 'seed')}{fewer} on {first.data.dataset} "
+              f"({first.preset} "
               f"preset, {_plural(first.train.epochs, 'epoch')}) in {ablation_dir}")
         summary = run_ablation(plan, ablation_dir, verbose=args.verbose)
     except (ConfigError, DataUnavailableError, TrainingError) as e:

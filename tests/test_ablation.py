@@ -388,3 +388,81 @@ def test_convergence_numbers_and_curves_come_from_each_runs_history(tmp_path):
     assert f"baseline {first:+.2f}" in line and "curves.png" in line
     ablation.save_curves(summary, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").stat().st_size > 5000
+
+
+def test_variant_seeds_gives_a_costly_variant_fewer_seeds(tmp_path):
+    args = ablation.build_parser().parse_args(
+        ["--dataset", "digits", "--seeds", "3", "--epochs", "12", "--variants", "all",
+         "--variant-seeds", "fixmatch=2"])
+    plan = ablation.plan_configs(args)
+    assert sorted(s for v, s in plan if v == "fixmatch") == [0, 1]
+    assert all(sorted(s for v, s in plan if v == name) == [0, 1, 2]
+               for name in VARIANTS)
+    rng = np.random.default_rng(2)
+    data = {"dataset": "digits", "source": "test", "image_shape": [32, 32, 3],
+            "train": 400, "validation": 200, "test": 300, "unlabeled": 897}
+    curves = {key: rng.uniform(0.5, 1.0, 12).round(3).tolist() for key in plan}
+    metrics = {key: {"val_accuracy": curves[key][-1], "test_accuracy": 0.5,
+                     "wall_seconds": 1.0, "data": data,
+                     "history": [{"epoch": i + 1, "val_accuracy": v}
+                                 for i, v in enumerate(curves[key])]}
+               for key in plan}
+    summary = ablation.summarize(metrics, plan, tmp_path)
+    entry = summary["variants"]["fixmatch"]
+    assert entry["seeds"] == [0, 1] and len(entry["val_curves"]) == 2
+    val = [curves[("fixmatch", s)][-1] for s in (0, 1)]
+    assert entry["val_accuracy"]["mean"] == pytest.approx(np.mean(val))
+    assert entry["val_accuracy"]["std"] == pytest.approx(np.std(val, ddof=1))
+    gains = [100 * (curves[("fixmatch", s)][-1] - curves[("baseline", s)][-1])
+             for s in (0, 1)]  # paired with the baseline of the same seed
+    assert entry["improvement_over_baseline_pct"]["per_seed"] == pytest.approx(gains)
+    assert summary["protocol"]["seeds_per_variant"] == {
+        **{v: 3 for v in VARIANTS}, "fixmatch": 2}
+    table = ablation.render_markdown(summary)
+    assert "seeds 0–2 (3 per variant) except fixmatch (seeds 0–1)" in table
+    assert "over each variant's seeds" in table
+    row = next(line for line in table.splitlines() if "`fixmatch`" in line)
+    assert len(row.split("|")[3].split(",")) == 2  # two per-seed values
+    ablation.save_curves(summary, tmp_path / "curves.png")
+    ablation.save_figure8(summary, tmp_path / "figure8.png")
+    from PIL import Image
+
+    wide = Image.open(tmp_path / "curves.png").size[0]
+    assert wide > 1200  # five panels, fixmatch's beside the lab's four
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--variants", "all", "--variant-seeds", "fixmatch=4"], "more seeds than"),
+    (["--variant-seeds", "fixmatch=1"], "not in --variants"),
+])
+def test_bad_variant_seeds_are_one_sentence(flags, needle, tmp_path, capsys):
+    code = ablation.main(["--dataset", "digits", "--seeds", "3", *flags,
+                          "--run-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and needle in err
+    assert err.count("\n") == 1 and not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("value, needle", [
+    ("baseline=1", "baseline trains every seed"), ("fixmatch=0", "N >= 1"),
+    ("mixmatch=1", "VARIANT from"), ("fixmatch", "VARIANT=N")])
+def test_variant_seeds_values_are_one_argparse_line(value, needle, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ablation.main(["--dataset", "digits", "--variant-seeds", value,
+                       "--run-dir", str(tmp_path)])
+    assert exc.value.code == 2 and needle in capsys.readouterr().err
+
+
+@pytest.mark.e2e
+def test_variant_seeds_trains_only_the_planned_runs(tmp_path):
+    proc = _cli("--dataset", "digits", "--preset", "smoke", "--epochs", "1",
+                "--seeds", "2", "--variants", "baseline,augment",
+                "--variant-seeds", "augment=1", "--verbose", "0",
+                "--run-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()
+                  and (p / "metrics.json").exists()) == [
+        "augment_s0", "baseline_s0", "baseline_s1"]
+    assert "[3/3]" in proc.stdout and "[4/" not in proc.stdout
+    summary = json.loads((tmp_path / "ablation.json").read_text())
+    assert summary["variants"]["augment"]["seeds"] == [0]
