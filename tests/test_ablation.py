@@ -361,19 +361,25 @@ def test_semi_supervised_flag_does_not_apply_to_an_ablation(tmp_path, capsys):
     assert code == 2 and "--variants all" in capsys.readouterr().err
 
 
-def test_convergence_numbers_and_curves_come_from_each_runs_history(tmp_path):
-    args = ablation.build_parser().parse_args(["--dataset", "digits", "--seeds", "2",
-                                               "--epochs", "12"])
-    plan = ablation.plan_configs(args)
-    rng = np.random.default_rng(1)
+def _digits_runs(plan, seed, epochs=12):
+    """Random validation curves per planned run, and metrics.json-like dicts."""
+    rng = np.random.default_rng(seed)
     data = {"dataset": "digits", "source": "test", "image_shape": [32, 32, 3],
             "train": 400, "validation": 200, "test": 300, "unlabeled": 897}
-    curves = {key: rng.uniform(0.5, 1.0, 12).round(3).tolist() for key in plan}
+    curves = {key: rng.uniform(0.5, 1.0, epochs).round(3).tolist() for key in plan}
     metrics = {key: {"val_accuracy": curves[key][-1], "test_accuracy": 0.5,
                      "wall_seconds": 1.0, "data": data,
                      "history": [{"epoch": i + 1, "loss": 1.0, "val_accuracy": v}
                                  for i, v in enumerate(curves[key])]}
                for key in plan}
+    return curves, metrics
+
+
+def test_convergence_numbers_and_curves_come_from_each_runs_history(tmp_path):
+    args = ablation.build_parser().parse_args(["--dataset", "digits", "--seeds", "2",
+                                               "--epochs", "12"])
+    plan = ablation.plan_configs(args)
+    curves, metrics = _digits_runs(plan, seed=1)
     summary = ablation.summarize(metrics, plan, tmp_path)
     for variant in VARIANTS:
         entry = summary["variants"][variant]
@@ -398,15 +404,7 @@ def test_variant_seeds_gives_a_costly_variant_fewer_seeds(tmp_path):
     assert sorted(s for v, s in plan if v == "fixmatch") == [0, 1]
     assert all(sorted(s for v, s in plan if v == name) == [0, 1, 2]
                for name in VARIANTS)
-    rng = np.random.default_rng(2)
-    data = {"dataset": "digits", "source": "test", "image_shape": [32, 32, 3],
-            "train": 400, "validation": 200, "test": 300, "unlabeled": 897}
-    curves = {key: rng.uniform(0.5, 1.0, 12).round(3).tolist() for key in plan}
-    metrics = {key: {"val_accuracy": curves[key][-1], "test_accuracy": 0.5,
-                     "wall_seconds": 1.0, "data": data,
-                     "history": [{"epoch": i + 1, "val_accuracy": v}
-                                 for i, v in enumerate(curves[key])]}
-               for key in plan}
+    curves, metrics = _digits_runs(plan, seed=2)
     summary = ablation.summarize(metrics, plan, tmp_path)
     entry = summary["variants"]["fixmatch"]
     assert entry["seeds"] == [0, 1] and len(entry["val_curves"]) == 2
