@@ -106,6 +106,9 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fc-units", type=int, default=None)
     g.add_argument("--dropout", type=float, default=None)
     g.add_argument("--batch-norm", choices=("manual", "keras"), default=None)
+    g.add_argument("--sync-batch-norm", action="store_true", default=None,
+                   help="--distribution mirrored: batch statistics over every "
+                        "replica's images")
     g = parser.add_argument_group("augmentation")
     g.add_argument("--augment", dest="augment", action="store_true", default=None,
                    help="augment (default for every variant but baseline)")
@@ -170,6 +173,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         (m, "widths", args.widths), (m, "fc_units", args.fc_units),
         (m, "kernel_size", args.kernel_size),
         (m, "dropout", args.dropout), (m, "batch_norm", args.batch_norm),
+        (m, "sync_batch_norm", args.sync_batch_norm),
         (a, "enabled", args.augment), (a, "on", args.augment_on),
         (a, "max_rotation_deg", args.max_rotation),
         (a, "max_translation", args.max_translation),

@@ -139,6 +139,9 @@ class ModelConfig:
             `keras` (keras.layers.BatchNormalization, for comparison).
         bn_momentum: moving-average momentum of the BN statistics.
         bn_epsilon: epsilon inside the BN square root.
+        sync_batch_norm: under `--distribution mirrored`, batch statistics
+            over all replicas' images (each layer's `synchronized`) rather
+            than each replica's own share.
         num_classes: output classes.
     """
 
@@ -150,6 +153,7 @@ class ModelConfig:
     batch_norm: str = "manual"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+    sync_batch_norm: bool = False
     num_classes: int = 10
 
 

@@ -82,11 +82,10 @@ def build_model(
 
 
 def _batch_norm(m: ModelConfig, name: str) -> keras.layers.Layer:
-    if m.batch_norm == "manual":
-        return ManualBatchNorm(momentum=m.bn_momentum, epsilon=m.bn_epsilon, name=name)
-    return keras.layers.BatchNormalization(
-        momentum=m.bn_momentum, epsilon=m.bn_epsilon, name=name
-    )
+    kind = ManualBatchNorm if m.batch_norm == "manual" else \
+        keras.layers.BatchNormalization
+    return kind(momentum=m.bn_momentum, epsilon=m.bn_epsilon,
+                synchronized=m.sync_batch_norm, name=name)
 
 
 def build_training_model(

@@ -211,6 +211,15 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     from stl10_keras.distribute import check_batch_size
 
     check_batch_size(config.train.batch_size, dist.replicas)
+    if config.model.sync_batch_norm and (
+            dist.mode == "data-parallel"
+            or runtime.load_keras().backend.backend() != "tensorflow"):
+        # On one device it changes nothing (one replica's statistics are the
+        # batch's); keras' synchronized layers exist on TensorFlow only.
+        raise ConfigError(
+            "--sync-batch-norm synchronises the replicas of --distribution "
+            "mirrored on the tensorflow backend (data-parallel already normalises "
+            "over the global batch); drop it.")
     has_tf = runtime.tensorflow_installed()  # imported after the checks below
     if not has_tf and config.augment.enabled and config.augment.on == "cpu":
         raise ConfigError("--augment-on cpu runs in tf.data, and TensorFlow is not "
