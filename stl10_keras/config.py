@@ -286,15 +286,24 @@ _SECTIONS = {
 
 
 def with_later_sections(d: Any, current: Config) -> Any:
-    """A config.json dict with the sections added since it was written, to be
-    compared with `current`: a run from before `semi_supervised` trained
-    without it, which is what `current` does when its method is `none`."""
-    if isinstance(d, dict) and "semi_supervised" not in d:
+    """A config.json dict with what was added since it was written, to be
+    compared with `current`. A run from before `semi_supervised` trained
+    without it, which is what `current` does when its method is `none`; a
+    field added to a section later (e.g. `train.lr_schedule`) has a default
+    that does what runs did before it existed."""
+    if not isinstance(d, dict):
+        return d
+    if "semi_supervised" not in d:
         section = (current.semi_supervised
                    if current.semi_supervised.method == "none"
                    else SemiSupervisedConfig())
         d = {**d, "semi_supervised": dataclasses.asdict(section)}
-    return d
+    filled = dict(d)
+    for name, cls in _SECTIONS.items():
+        if isinstance(d.get(name), dict):
+            defaults = json.loads(json.dumps(dataclasses.asdict(cls())))
+            filled[name] = {**defaults, **d[name]}
+    return filled
 
 
 def _section_from_dict(cls: type, d: dict[str, Any]) -> Any:

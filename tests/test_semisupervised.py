@@ -432,6 +432,16 @@ def test_a_run_from_before_semi_supervised_existed_is_not_refused(tmp_path):
     del old["semi_supervised"]  # a config.json written before the section
     (tmp_path / "config.json").write_text(json.dumps(old))
     _prepare(config, tmp_path, None, False, Distributed())  # no ConfigError
+    # Fields added to a section later read as their defaults, which are what
+    # such a run did (the lab's decay, no synchronised batch norm)...
+    del old["train"]["lr_schedule"], old["model"]["sync_batch_norm"]
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    _prepare(config, tmp_path, None, False, Distributed())
+    # ...so a run from before them is still told apart from one using them.
+    cosine = preset("smoke", "digits", "kmeans12")
+    cosine.train.lr_schedule = "cosine"
+    with pytest.raises(ConfigError, match="different config"):
+        _prepare(cosine, tmp_path, None, False, Distributed())
     fixmatch = preset("smoke", "digits", "fixmatch")
     with pytest.raises(ConfigError, match="different config"):
         _prepare(fixmatch, tmp_path, None, False, Distributed())
