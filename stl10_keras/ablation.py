@@ -530,7 +530,7 @@ def save_curves(summary: dict, path: Path) -> None:
         for seed, curve in zip(e.get("seeds", p["seeds"]), e["val_curves"]):
             ax.plot(range(1, len(curve) + 1), [100.0 * x for x in curve], lw=1.2,
                     label=f"seed {seed}")
-        ax.set_title(e["label"], fontsize=10)
+        ax.set_title(e["label"].replace(" (beyond", "\n(beyond"), fontsize=10)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("validation accuracy (%)")
