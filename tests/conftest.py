@@ -53,3 +53,20 @@ def saved_model_vs_keras(version_dir, model_path):
     diff, accuracy = map(float, out.stdout.split()[-2:])
     return diff, accuracy
 
+
+def assert_same_run(got: dict, want: dict) -> None:
+    """Two runs' metrics.json agree epoch by epoch and in their final accuracies.
+
+    The tolerance (a few float32 ulps) only allows a multi-threaded CPU kernel
+    summing in another order; the resume bugs these tests guard against moved
+    the loss by more than 1e-3.
+    """
+    import pytest
+
+    for g, w in zip(got["history"], want["history"], strict=True):
+        assert g.keys() == w.keys()
+        for key in w:
+            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), (
+                g["epoch"], key)
+    assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-9)
+    assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)

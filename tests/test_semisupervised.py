@@ -17,7 +17,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import FAST_XLA, ROOT, saved_model_vs_keras, subprocess_env  # noqa: E402
+from conftest import (  # noqa: E402
+    FAST_XLA, ROOT, assert_same_run, saved_model_vs_keras, subprocess_env)
 from stl10_keras.config import Config, ConfigError, preset  # noqa: E402
 from stl10_keras.semisupervised import (  # noqa: E402
     METRIC_NAMES,
@@ -397,14 +398,8 @@ def test_a_resumed_fixmatch_run_has_the_history_of_an_uninterrupted_one(
     got = json.loads((resumed / "metrics.json").read_text())
     assert got["resumed"] is True and want["resumed"] is False
     # Same unlabeled batches, augmentation draws, weights and EMA after the
-    # resume; the tolerance only allows a multi-threaded sum in another order.
-    for g, w in zip(got["history"], want["history"], strict=True):
-        assert g.keys() == w.keys()
-        for key in w:
-            assert g[key] == pytest.approx(w[key], rel=1e-6, abs=1e-9), (
-                g["epoch"], key)
-    assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-9)
-    assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)
+    # resume.
+    assert_same_run(got, want)
 
 
 @pytest.mark.e2e
