@@ -1,5 +1,10 @@
 import os
+import select
+import signal
+import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -70,3 +75,44 @@ def assert_same_run(got: dict, want: dict) -> None:
                 g["epoch"], key)
     assert got["val_accuracy"] == pytest.approx(want["val_accuracy"], abs=1e-9)
     assert got["test_accuracy"] == pytest.approx(want["test_accuracy"], abs=1e-9)
+
+
+@contextmanager
+def rest_server(repository, **server_args):
+    """An in-process REST `ModelServer` on a free port over a started
+    `repository`; yields the server, then closes it, stops the repository and
+    checks that the serving thread ended."""
+    from stl10_keras.serving.rest import ModelServer
+
+    server = ModelServer(repository, "127.0.0.1", 0, **server_args)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.close()
+        repository.stop()
+        thread.join(timeout=10)
+    assert not thread.is_alive()
+
+
+@contextmanager
+def serve_cli(*args):
+    """`python -m stl10_keras.serve ARGS` in a subprocess: yields its first
+    stdout line (the "Serving ..." line, once it listens; bounded wait), then
+    stops it with Ctrl-C and checks that it stopped cleanly."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "stl10_keras.serve", *args], cwd=ROOT,
+        env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    try:
+        assert select.select([proc.stdout], [], [], 180)[0], "no output in 180 s"
+        yield proc.stdout.readline()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "Traceback" not in stderr and "Stopped." in stderr

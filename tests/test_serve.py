@@ -8,9 +8,7 @@ import base64
 import http.client
 import io
 import json
-import select
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +24,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, rest_server, serve_cli, subprocess_env
 from stl10_keras.config import preset
 from stl10_keras.export import export_saved_model
 from stl10_keras.model import build_model
@@ -108,17 +106,8 @@ def running_server(base, poll_seconds=None, max_body_bytes=MAX_BODY):
     repository.start()
     if poll_seconds:
         repository.start_polling(poll_seconds)
-    server = ModelServer(repository, "127.0.0.1", 0, threads=8,
-                         max_body_bytes=max_body_bytes)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with rest_server(repository, threads=8, max_body_bytes=max_body_bytes) as server:
         yield f"{server.url}/v1/models/{NAME}"
-    finally:
-        server.close()
-        repository.stop()
-        thread.join(timeout=10)
-        assert not thread.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -574,28 +563,14 @@ def test_cli_reports_a_port_in_use_in_one_line(exported):
 @pytest.mark.e2e
 def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
     _, base = exported
-    proc = subprocess.Popen(
-        _serve_cli("--model-base-path", str(base), "--model-name", NAME, "--port", "0"),
-        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True)
-    try:
-        # The "Serving ..." line comes once it listens (bounded wait).
-        assert select.select([proc.stdout], [], [], 180)[0], "no output in 180 s"
-        line = proc.stdout.readline()
+    with serve_cli("--model-base-path", str(base), "--model-name", NAME,
+                   "--port", "0", "--grpc-port", "0") as line:
         assert line.startswith(f"Serving model '{NAME}' version 1"), line
         url = line.split(" at ", 1)[1].split(";", 1)[0]
         assert url.startswith("http://127.0.0.1:")
         assert call(url)[0] == 200
         status, body = call(f"{url}:predict", {"instances": images(30, 1).tolist()})
         assert status == 200 and len(body["predictions"]) == 1
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and "Stopped." in stderr
 
 
 # --- benchmarks/serve.py --------------------------------------------------------------

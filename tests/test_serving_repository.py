@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import rest_server
 from stl10_keras.config import preset
 from stl10_keras.export import export_saved_model
 from stl10_keras.model import build_model
@@ -27,7 +28,6 @@ from stl10_keras.serving.repository import (
     load_servable,
     parse_version,
 )
-from stl10_keras.serving.rest import ModelServer
 
 NAME = "digits"
 INT64_MAX = int(np.iinfo(np.int64).max)
@@ -80,15 +80,8 @@ def serving(base, labels=None, poll=None, settle=1.0, log=None):
     repository.start()
     if poll:
         repository.start_polling(poll)
-    server = ModelServer(repository, "127.0.0.1", 0, threads=8)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with rest_server(repository, threads=8) as server:
         yield f"{server.url}/v1/models/{NAME}"
-    finally:
-        server.close()
-        repository.stop()
-        thread.join(timeout=10)
 
 
 def test_version_labels_as_tf_serving(model, tmp_path):
