@@ -10,7 +10,6 @@ import http.client
 import io
 import json
 import struct
-import threading
 import zlib
 
 import grpc
@@ -21,12 +20,12 @@ import tensorflow as tf
 from PIL import Image
 from tensorflow_serving.apis import prediction_service_pb2_grpc
 
+from conftest import rest_server
 from stl10_keras.config import preset
 from stl10_keras.export import export_saved_model
 from stl10_keras.model import build_model
 from stl10_keras.serving.grpc import GrpcServer
 from stl10_keras.serving.repository import ModelRepository
-from stl10_keras.serving.rest import ModelServer
 from test_serving_grpc import GRPC_ERRORS, grpc_error, predict_request
 
 NAME = "digits"
@@ -179,21 +178,16 @@ def servers(tmp_path_factory):
     export_saved_model(model, base, [f"class{i}" for i in range(10)])
     repository = ModelRepository(base, NAME)
     repository.start()
-    rest = ModelServer(repository, "127.0.0.1", 0, threads=4, max_body_bytes=MAX_BYTES)
-    thread = threading.Thread(target=rest.run, daemon=True)
-    thread.start()
-    server = GrpcServer(repository, "127.0.0.1", 0, threads=4,
-                        max_message_bytes=MAX_BYTES)
-    server.start()
-    channel = grpc.insecure_channel(server.address)
     reference = tf.saved_model.load(str(base / "1")).signatures["serving_default"]
     want = reference(images=tf.constant(PIXELS))["probabilities"].numpy()
-    yield rest, prediction_service_pb2_grpc.PredictionServiceStub(channel), want
-    channel.close()
-    server.stop()
-    rest.close()
-    repository.stop()
-    thread.join(timeout=10)
+    with rest_server(repository, threads=4, max_body_bytes=MAX_BYTES) as rest:
+        server = GrpcServer(repository, "127.0.0.1", 0, threads=4,
+                            max_message_bytes=MAX_BYTES)
+        server.start()
+        channel = grpc.insecure_channel(server.address)
+        yield rest, prediction_service_pb2_grpc.PredictionServiceStub(channel), want
+        channel.close()
+        server.stop()
 
 
 def rest_call(rest, method, path, body):

@@ -10,7 +10,6 @@ import json
 import socket
 import subprocess
 import sys
-import threading
 import urllib.request
 from contextlib import contextmanager
 
@@ -30,13 +29,12 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from conftest import ROOT, serve_cli, subprocess_env
+from conftest import ROOT, rest_server, serve_cli, subprocess_env
 from stl10_keras.config import preset
 from stl10_keras.export import export_saved_model
 from stl10_keras.model import build_model
 from stl10_keras.serving.grpc import GrpcServer
 from stl10_keras.serving.repository import ModelRepository
-from stl10_keras.serving.rest import ModelServer
 
 NAME = "digits"
 MAX_BYTES = 2**20
@@ -76,24 +74,18 @@ def exported(tmp_path_factory):
 def both_servers(base, labels=None):
     repository = ModelRepository(base, NAME, labels=labels)
     repository.start()
-    rest = ModelServer(repository, "127.0.0.1", 0, threads=4,
-                       max_body_bytes=MAX_BYTES)
-    thread = threading.Thread(target=rest.run, daemon=True)
-    thread.start()
-    server = GrpcServer(repository, "127.0.0.1", 0, threads=4,
-                        max_message_bytes=MAX_BYTES)
-    server.start()
-    channel = grpc.insecure_channel(server.address)
-    try:
-        yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
-               model_service_pb2_grpc.ModelServiceStub(channel),
-               f"{rest.url}/v1/models/{NAME}")
-    finally:
-        channel.close()
-        server.stop()
-        rest.close()
-        repository.stop()
-        thread.join(timeout=10)
+    with rest_server(repository, threads=4, max_body_bytes=MAX_BYTES) as rest:
+        server = GrpcServer(repository, "127.0.0.1", 0, threads=4,
+                            max_message_bytes=MAX_BYTES)
+        server.start()
+        channel = grpc.insecure_channel(server.address)
+        try:
+            yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
+                   model_service_pb2_grpc.ModelServiceStub(channel),
+                   f"{rest.url}/v1/models/{NAME}")
+        finally:
+            channel.close()
+            server.stop()
 
 
 @pytest.fixture(scope="module")
