@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from stl10_keras.errors import ConfigError
+
 DATASETS = ("stl10", "digits", "fashion_mnist", "folder")
 VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")  # the lab's Table 1
 # Beyond the lab: kmeans12 + FixMatch on the unlabeled images (docs/semi-supervised.md).
@@ -24,10 +26,6 @@ FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # RandomAffine's fill m
 # The lab's Torch decay, or a cosine to zero over the run (lets a fixed number of
 # epochs converge; FixMatch's own schedule is a cosine too).
 LR_SCHEDULES = ("inverse-time", "cosine")
-
-
-class ConfigError(ValueError):
-    """A configuration value a user gave is invalid; the message names the fix."""
 
 
 @dataclass

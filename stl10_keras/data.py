@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from stl10_keras import runtime
+from stl10_keras.errors import DataUnavailableError
 
 DEFAULT_VAL_PER_CLASS = {"stl10": 100, "digits": 20}
 
@@ -41,10 +42,6 @@ def default_val_per_class(dataset: str,
 
         return max(1, (labeled_per_class or DEFAULT_LABELED_PER_CLASS) // 5)
     return None
-
-
-class DataUnavailableError(RuntimeError):
-    """The dataset cannot be found or read; the message says what to do."""
 
 
 UnlabeledFactory = Callable[[int], Iterator[np.ndarray]]

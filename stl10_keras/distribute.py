@@ -34,13 +34,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from stl10_keras.config import ConfigError
+from stl10_keras.errors import ConfigError, DistributionError
 
 MODES = ("none", "mirrored", "data-parallel")
 
 
-class DistributionError(RuntimeError):
-    """The processes of a multi-host job could not form it; the message says why."""
 
 #: The Keras backend each mode runs on.
 BACKENDS = {"mirrored": "tensorflow", "data-parallel": "jax"}

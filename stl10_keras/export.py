@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from stl10_keras import runtime
-from stl10_keras.config import ConfigError
+from stl10_keras.errors import ConfigError, ExportError
 from stl10_keras.io_utils import check_output_dir, crash_point, read_json
 
 if TYPE_CHECKING:
@@ -222,10 +222,6 @@ def export_saved_model(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
-
-
-class ExportError(RuntimeError):
-    """A run cannot be exported; the message says what to do."""
 
 
 def temporary_dir(export_dir: str | os.PathLike, version: int) -> Path:

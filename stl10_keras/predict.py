@@ -23,12 +23,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from stl10_keras import runtime
+from stl10_keras.errors import ModelError
 from stl10_keras.export import (BYTES_SIGNATURE, CLASS_NAMES_FILE, IMAGE_BYTES_INPUT,
                                 check_encoded_image, decode_image_bytes, list_versions)
-
-
-class ModelError(Exception):
-    """The model cannot be loaded; the message names the fix."""
 
 
 def _positive_int(text: str) -> int:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from stl10_keras.errors import EmbedError
 from stl10_keras.io_utils import import_tensorflow
 
 # The projector refuses sprites larger than this on either side (WebGL textures).
@@ -24,10 +25,6 @@ PROJECTOR_DIR = "projector"
 CHECKPOINT_PREFIX = "embedding.ckpt"
 METADATA_FILE = "metadata.tsv"
 SPRITE_FILE = "sprite.png"
-
-
-class EmbedError(RuntimeError):
-    """The embedding cannot be made; the message says what to change."""
 
 
 @dataclass(frozen=True)

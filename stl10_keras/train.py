@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from stl10_keras import config as cfg
 from stl10_keras import runtime
-from stl10_keras.config import Config, ConfigError
+from stl10_keras.config import Config
+from stl10_keras.errors import ConfigError, TrainingError
 from stl10_keras.io_utils import (atomic_output, atomic_write_json,
                                   check_output_dir, crash_point, read_json)
 
@@ -42,10 +43,6 @@ FINAL_WEIGHTS = "final.weights.h5"
 FIT_RECORD = "fit.json"
 #: The SavedModel version a run is exporting (its number is chosen once).
 EXPORT_RECORD = "export.json"
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says what to change."""
 
 
 def optimizer(t: cfg.TrainConfig, ema_decay: float | None = None,

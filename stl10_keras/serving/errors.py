@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from stl10_keras.errors import NoVersionError, one_line  # noqa: F401 (re-exported)
+
 #: HTTP status -> the gRPC status code TF Serving answers for the same mistake
 #: (its `ToHTTPStatusCode` in `model_servers/http_server.cc`, read backwards).
 GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED"}
@@ -25,19 +27,6 @@ class RequestError(Exception):
     def grpc_code(self) -> str:
         """The name of the `grpc.StatusCode` for this error."""
         return GRPC_CODES.get(self.status, "INVALID_ARGUMENT")
-
-
-class NoVersionError(Exception):
-    """The model base path holds no version that loads; the message names the fix."""
-
-
-def one_line(error: BaseException, limit: int = 300) -> str:
-    """The informative line of an exception (TensorFlow's span many lines)."""
-    lines = [ln.strip() for ln in str(error).splitlines()]
-    skip = ("Graph execution error", "Detected at node", "<stack traces", "[[")
-    useful = [ln for ln in lines if ln and not ln.startswith(skip)]
-    text = (useful[-1] if useful else type(error).__name__).rstrip(".")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def clip(text: str, limit: int = 40) -> str:
