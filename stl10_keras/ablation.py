@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stl10_keras import config as cfg
-from stl10_keras import runtime
-from stl10_keras.config import Config, ConfigError
+from stl10_keras import errors, flags, runtime
+from stl10_keras.config import Config
+from stl10_keras.errors import ConfigError, UserError
 from stl10_keras.io_utils import (
     atomic_write_json,
     atomic_write_text,
@@ -102,7 +103,7 @@ def parse_variant_seeds(text: str) -> dict[str, int]:
 def build_parser() -> argparse.ArgumentParser:
     from stl10_keras.cli import add_config_arguments
 
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.ablation",
         description="The lab's Table 1 and Figure 8: train the four variants "
                     "(baseline, augment, kmeans1, kmeans12; --variants all adds "
@@ -667,9 +668,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.start()
     parser = build_parser()
     args = parser.parse_args(argv)
-    from stl10_keras.data import DataUnavailableError
-    from stl10_keras.train import TrainingError
-
     try:
         plan = plan_configs(args)
         first = next(iter(plan.values()))
@@ -683,14 +681,13 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"({first.preset} "
               f"preset, {_plural(first.train.epochs, 'epoch')}) in {ablation_dir}")
         summary = run_ablation(plan, ablation_dir, verbose=args.verbose)
-    except (ConfigError, DataUnavailableError, TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    except UserError as e:
+        return errors.report(e)
     except KeyboardInterrupt:
         print("\nInterrupted. Rerun the same command to resume: finished runs are "
               "skipped and the interrupted one continues from its last completed "
               "epoch.", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED
     print()
     print(render_markdown(summary))
     print(f"wrote {ablation_dir / 'ablation.json'}, {ablation_dir / 'ablation.md'}, "

@@ -21,6 +21,8 @@ import json
 import os
 import time
 
+from stl10_keras.errors import TrainingError
+
 
 class Throughput:
     """Train-only images/second per epoch (validation time excluded)."""
@@ -89,8 +91,6 @@ class EpochRandomState:
                 import numpy as np
 
                 if epoch != outer._next_epoch:
-                    from stl10_keras.train import TrainingError
-
                     raise TrainingError(
                         f"keras started epoch {epoch + 1} where the training data "
                         f"holds epoch {outer._next_epoch + 1}; rerun with --overwrite."

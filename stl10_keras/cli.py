@@ -9,59 +9,29 @@ flags -> config -> devices -> `train.train` -> a summary and what to do next.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import typing
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from stl10_keras import config as cfg
-from stl10_keras import runtime
-from stl10_keras.config import Config, ConfigError
+from stl10_keras import errors, flags, runtime
+from stl10_keras.config import Config
+from stl10_keras.errors import ConfigError, UserError
 from stl10_keras.io_utils import check_output_dir
 
 if TYPE_CHECKING:
     from stl10_keras.distribute import Distributed, DistributionOptions
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers like 64,128, got '{text}'"
-        ) from None
-
-
-def _range(text: str) -> tuple[float, float]:
-    try:
-        lo, hi = (float(t) for t in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected MIN,MAX like 1.0,1.4, got '{text}'"
-        ) from None
-    return lo, hi
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        values = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) not in (1, 2):
-        raise argparse.ArgumentTypeError(
-            f"expected H,W like 96,96 (or one number for a square), got '{text}'")
-    return values * 2 if len(values) == 1 else values
-
-
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags that shape a `Config` (shared by train and ablation)."""
+    """Flags that shape a `Config` (shared by train, ablation and pipelines.run).
+
+    Every config field with a flag (`config.option`) becomes one, in a group
+    per section, with its help text, and its type from the field's annotation.
+    """
     g = parser.add_argument_group("run")
-    g.add_argument("--dataset", choices=cfg.DATASETS, default=None,
-                   help="stl10 (default), the bundled digits, fashion_mnist, or "
-                        "folder (your images in --data-dir; docs/data.md)")
-    g.add_argument("--data-dir", default=None,
-                   help="stl10: folder with stl10_binary/ or stl10_binary.tar.gz, "
-                        "or a tensorflow-datasets data dir; fashion_mnist: folder "
-                        "of its four IDX files; folder: DIR with train/CLASS/*")
     g.add_argument("--preset", choices=cfg.PRESETS, default=None,
                    help="default (trains), paper (the lab's lr 1.0) or smoke (tiny)")
     g.add_argument("--variant", choices=cfg.ALL_VARIANTS, default=None,
@@ -69,81 +39,51 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                         "(kmeans12 + FixMatch)")
     g.add_argument("--config", default=None,
                    help="a config.json to start from (e.g. RUN/config.json)")
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--val-per-class", type=int, default=None,
-                   help="labeled images per class held out for validation")
-    g.add_argument("--labeled-per-class", type=int, default=None,
-                   help="fashion_mnist: labeled training images per class, drawn "
-                        "by the seed (default 500, as STL-10); the rest are "
-                        "unlabeled")
-    g.add_argument("--image-size", type=_size, default=None, metavar="H,W",
-                   help="resize every image to H,W (or N for NxN); a folder of "
-                        "images of different sizes needs it")
-    g.add_argument("--channels", type=int, choices=(1, 3), default=None,
-                   help="convert every image to 1 (grayscale) or 3 (RGB) channels "
-                        "(default: as stored)")
-    g.add_argument("--no-download", action="store_true",
-                   help="never let tensorflow-datasets download STL-10 or "
-                        "Fashion-MNIST")
-    g = parser.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--learning-rate", type=float, default=None)
-    g.add_argument("--lr-decay", type=float, default=None,
-                   help="inverse-time decay per step: lr / (1 + decay * step)")
-    g.add_argument("--lr-schedule", default=None, choices=cfg.LR_SCHEDULES,
-                   help="inverse-time (the lab's, with --lr-decay) or cosine "
-                        "(to 0 at the last step)")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--momentum", type=float, default=None)
-    g.add_argument("--mixed-precision", action="store_true", default=None,
-                   help="train in mixed bfloat16")
-    g = parser.add_argument_group("model")
-    g.add_argument("--widths", type=_ints, default=None, help="filters per stage")
-    g.add_argument("--convs-per-stage", type=_ints, default=None)
-    g.add_argument("--kernel-size", type=int, default=None,
-                   help="conv kernel side (k-means patches of stage 1 match it)")
-    g.add_argument("--fc-units", type=int, default=None)
-    g.add_argument("--dropout", type=float, default=None)
-    g.add_argument("--batch-norm", choices=("manual", "keras"), default=None)
-    g.add_argument("--sync-batch-norm", action="store_true", default=None,
-                   help="--distribution mirrored: batch statistics over every "
-                        "replica's images")
-    g = parser.add_argument_group("augmentation")
-    g.add_argument("--augment", dest="augment", action="store_true", default=None,
-                   help="augment (default for every variant but baseline)")
-    g.add_argument("--no-augment", dest="augment", action="store_false")
-    g.add_argument("--augment-on", choices=("device", "cpu"), default=None,
-                   help="in the model on the accelerator (default) or in tf.data")
-    g.add_argument("--max-rotation", type=float, default=None, help="degrees")
-    g.add_argument("--scale-range", type=_range, default=None, help="MIN,MAX zoom")
-    g.add_argument("--max-translation", type=float, default=None,
-                   help="fraction of the image size")
-    g.add_argument("--no-flip", action="store_true", default=None)
-    g = parser.add_argument_group("k-means pre-training")
-    g.add_argument("--kmeans-patch-size", type=int, default=None)
-    g.add_argument("--kmeans-images", type=int, default=None,
-                   help="unlabeled images read for k-means")
-    g.add_argument("--kmeans-patches-per-image", type=int, default=None)
-    g.add_argument("--no-whiten", action="store_true", default=None)
-    g = parser.add_argument_group("semi-supervised (docs/semi-supervised.md)")
-    g.add_argument("--semi-supervised", choices=cfg.SEMI_SUPERVISED_METHODS,
-                   default=None,
-                   help="fixmatch: also train on the unlabeled images")
-    g.add_argument("--unlabeled-ratio", type=int, default=None,
-                   help="mu: unlabeled images per labeled image in a step")
-    g.add_argument("--confidence-threshold", type=float, default=None,
-                   help="tau: pseudo-labels count at this top probability")
-    g.add_argument("--unlabeled-weight", type=float, default=None,
-                   help="lambda: weight of the unlabeled loss")
-    g.add_argument("--strong-ops", type=int, default=None,
-                   help="RandAugment-style ops per strong view")
-    g.add_argument("--strong-magnitude", type=float, default=None,
-                   help="largest op strength, a fraction of each op's range")
-    g.add_argument("--cutout", type=float, default=None,
-                   help="Cutout square's side, a fraction of the image size")
-    g.add_argument("--ema-decay", type=float, default=None,
-                   help="decay of the weights' moving average used to evaluate")
+    for section, cls in cfg.sections().items():
+        group = parser.add_argument_group(cls.flag_group)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.metadata.get("flag"):
+                _add_field_flag(group, f, hints[f.name])
+
+
+def _add_field_flag(group, f: dataclasses.Field, annotation: Any) -> None:
+    """One config field's flag; its dest is the flag's name (`--no-flip`: flip)."""
+    flag, extra = f.metadata["flag"], dict(f.metadata["argparse"])
+    extra.pop("also", None)
+    kwargs: dict[str, Any] = {"dest": _dest(flag), "default": None,
+                              "help": f.metadata["help"]}
+    if annotation is bool:
+        if extra.pop("negatable", False):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:  # --no-X clears a field that is true by default; --X sets one
+            kwargs.update(action="store_const", const=not flag.startswith("--no-"))
+    else:
+        kind, _ = cfg.field_kind(annotation)
+        kwargs["type"] = (flags.int_list if typing.get_origin(kind) is tuple
+                          else kind)
+    kwargs.update(extra)
+    group.add_argument(flag, **kwargs)
+
+
+def _dest(flag: str) -> str:
+    return flag.removeprefix("--").removeprefix("no-").replace("-", "_")
+
+
+def apply_flags(config: Config, args: argparse.Namespace) -> None:
+    """Set each config field whose flag was given (not validated here)."""
+    for section, cls in cfg.sections().items():
+        part = getattr(config, section)
+        for f in dataclasses.fields(cls):
+            flag = f.metadata.get("flag")
+            value = getattr(args, _dest(flag), None) if flag else None
+            if value is None:
+                continue
+            also = f.metadata["argparse"].get("also")
+            if also:  # one flag, two fields: --scale-range MIN,MAX
+                value, second = value
+                setattr(part, also, second)
+            setattr(part, f.name, value)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -156,52 +96,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
     else:
         config = cfg.preset(args.preset or "default", args.dataset or "stl10",
                             args.variant or "kmeans12")
-    if args.dataset and args.config:
-        config.data.dataset = args.dataset
-    d, t, m, a, k = (config.data, config.train, config.model, config.augment,
-                     config.kmeans)
-    semi = config.semi_supervised
-    overrides = [
-        (d, "data_dir", args.data_dir), (d, "val_per_class", args.val_per_class),
-        (d, "labeled_per_class", args.labeled_per_class),
-        (d, "image_size", args.image_size), (d, "channels", args.channels),
-        (t, "seed", args.seed), (t, "epochs", args.epochs),
-        (t, "batch_size", args.batch_size), (t, "learning_rate", args.learning_rate),
-        (t, "lr_decay", args.lr_decay), (t, "lr_schedule", args.lr_schedule),
-        (t, "weight_decay", args.weight_decay),
-        (t, "momentum", args.momentum), (t, "mixed_precision", args.mixed_precision),
-        (m, "widths", args.widths), (m, "fc_units", args.fc_units),
-        (m, "kernel_size", args.kernel_size),
-        (m, "dropout", args.dropout), (m, "batch_norm", args.batch_norm),
-        (m, "sync_batch_norm", args.sync_batch_norm),
-        (a, "enabled", args.augment), (a, "on", args.augment_on),
-        (a, "max_rotation_deg", args.max_rotation),
-        (a, "max_translation", args.max_translation),
-        (k, "patch_size", args.kmeans_patch_size), (k, "num_images", args.kmeans_images),
-        (k, "patches_per_image", args.kmeans_patches_per_image),
-        (semi, "method", args.semi_supervised),
-        (semi, "unlabeled_ratio", args.unlabeled_ratio),
-        (semi, "confidence_threshold", args.confidence_threshold),
-        (semi, "unlabeled_weight", args.unlabeled_weight),
-        (semi, "strong_ops", args.strong_ops),
-        (semi, "strong_magnitude", args.strong_magnitude),
-        (semi, "cutout", args.cutout), (semi, "ema_decay", args.ema_decay),
-    ]
-    for section, name, value in overrides:
-        if value is not None:
-            setattr(section, name, value)
-    if args.no_download:
-        d.download = False
-    if args.convs_per_stage is not None:
-        m.convs_per_stage = args.convs_per_stage
-    elif args.widths is not None and len(m.convs_per_stage) != len(m.widths):
+    apply_flags(config, args)
+    d, m = config.data, config.model
+    if args.convs_per_stage is None and args.widths is not None \
+            and len(m.convs_per_stage) != len(m.widths):
         m.convs_per_stage = (1,) * len(m.widths)
-    if args.scale_range is not None:
-        a.scale_min, a.scale_max = args.scale_range
-    if args.no_flip:
-        a.flip = False
-    if args.no_whiten:
-        k.whiten = False
     if d.dataset == "folder" and not d.data_dir:
         raise ConfigError("--dataset folder needs --data-dir DIR, the folder holding "
                           "train/CLASS/* (and optionally test/ and unlabeled/).")
@@ -245,7 +144,7 @@ def default_run_name(config: Config) -> str:
 
 
 def build_train_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.train",
         description="Train the lab's 5-stage CNN on STL-10 (or digits, "
                     "Fashion-MNIST, your own image folder), evaluate it and export a "
@@ -336,9 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runtime.start()
     parser = build_train_parser()
     args = parser.parse_args(argv)
-    from stl10_keras.data import DataUnavailableError
-    from stl10_keras.distribute import DistributionError
-    from stl10_keras.train import TrainingError, train
+    from stl10_keras.train import train
 
     try:
         config = config_from_args(args)
@@ -364,11 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "train it again):")
         _print_summary(metrics, run_dir)
         return 0
-    except (ConfigError, DataUnavailableError, DistributionError,
-            TrainingError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    except UserError as e:
+        return errors.report(e)
     except KeyboardInterrupt:
         print("\nInterrupted. Rerun the same command to resume from the last "
               "completed epoch.", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED

@@ -11,9 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
+from stl10_keras import flags
 from stl10_keras.errors import ConfigError
 
 DATASETS = ("stl10", "digits", "fashion_mnist", "folder")
@@ -28,191 +31,206 @@ FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # RandomAffine's fill m
 LR_SCHEDULES = ("inverse-time", "cosine")
 
 
-@dataclass
-class DataConfig:
-    """Where the images come from and how the labeled set is split.
+def option(default: Any, help: str, flag: str | None = None, **argparse: Any) -> Any:
+    """A config field with its help text and command-line flag beside it.
+
+    The train, ablation and pipeline commands build their flags from these
+    (`cli.add_config_arguments`), with the type from the field's annotation.
 
     Args:
-        dataset: `stl10`, `digits` (scikit-learn's digits, bundled, offline),
-            `fashion_mnist` (the four official IDX files, or
-            tensorflow-datasets) or `folder` (your images, `data_dir/train/CLASS/*`).
-        data_dir: folder holding `stl10_binary/` or `stl10_binary.tar.gz`, or a
-            tensorflow-datasets data dir; Fashion-MNIST's IDX files; the image
-            folder. None: tensorflow-datasets' default (Fashion-MNIST: first
-            Debian's /usr/share/datasets/fashion-mnist).
-        val_per_class: labeled images per class held out for validation
-            (STL-10: 100 of each class's 500 -> 4,000 train / 1,000 validation).
-            None picks the dataset's default (100 for stl10, 20 for digits, a
-            fifth of the labeled images for fashion_mnist and folder).
-        labeled_per_class: Fashion-MNIST's labeled images per class, drawn
-            from its 60,000 training images by the seed (None: 500, as STL-10);
-            the rest are the unlabeled split.
-        image_size: `(H, W)` every image is resized to (None: as stored; a
-            folder of images of different sizes needs it).
-        channels: 1 (grayscale) or 3 (RGB) every image is converted to (None:
-            as stored).
-        download: let tensorflow-datasets download STL-10 or Fashion-MNIST
-            when it is missing.
-        shuffle_buffer: tf.data shuffle buffer (images) of a pipeline reshuffled
-            per iteration; training instead permutes each whole epoch from
-            (seed, epoch), so that a resumed run repeats it (`data.make_dataset`).
+        default: the field's default (immutable: tuples, not lists).
+        help: what the field means; the flag's `--help` line.
+        flag: the field's flag: `--name` (a boolean that is false by default:
+            a switch that sets it), `--no-name` (a boolean that is true by
+            default: a switch that clears it), or None (set from a config file
+            only).
+        **argparse: further `add_argument` keywords: `choices`, `metavar`,
+            `type` (instead of the annotation's), `negatable` (a boolean with
+            both `--name` and `--no-name`), `also` (a second field of the
+            section set from the same flag, which then gives a pair).
     """
+    return field(default=default,
+                 metadata={"help": help, "flag": flag, "argparse": argparse})
 
-    dataset: str = "stl10"
-    data_dir: str | None = None
-    val_per_class: int | None = None
-    labeled_per_class: int | None = None
-    image_size: tuple[int, ...] | None = None
-    channels: int | None = None
-    download: bool = True
-    shuffle_buffer: int = 5000
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how the labeled set is split."""
+
+    flag_group: ClassVar[str] = "data"
+
+    dataset: str = option(
+        "stl10", "stl10 (default), the bundled digits, fashion_mnist, or folder "
+        "(your images in --data-dir; docs/data.md)", "--dataset", choices=DATASETS)
+    data_dir: str | None = option(
+        None, "stl10: folder with stl10_binary/ or stl10_binary.tar.gz, or a "
+        "tensorflow-datasets data dir; fashion_mnist: folder of its four IDX files "
+        "(default: Debian's /usr/share/datasets/fashion-mnist, then "
+        "tensorflow-datasets); folder: DIR with train/CLASS/*", "--data-dir")
+    val_per_class: int | None = option(
+        None, "labeled images per class held out for validation (default: 100 for "
+        "stl10, 20 for digits, a fifth of the labeled images for fashion_mnist and "
+        "folder)", "--val-per-class")
+    labeled_per_class: int | None = option(
+        None, "fashion_mnist: labeled training images per class, drawn by the seed "
+        "(default 500, as STL-10); the rest are unlabeled", "--labeled-per-class")
+    image_size: tuple[int, ...] | None = option(
+        None, "resize every image to H,W (or N for NxN); a folder of images of "
+        "different sizes needs it (default: as stored)", "--image-size",
+        type=flags.image_size, metavar="H,W")
+    channels: int | None = option(
+        None, "convert every image to 1 (grayscale) or 3 (RGB) channels (default: "
+        "as stored)", "--channels", choices=(1, 3))
+    download: bool = option(
+        True, "let tensorflow-datasets download STL-10 or Fashion-MNIST when it is "
+        "missing", "--no-download")
+    shuffle_buffer: int = option(
+        5000, "tf.data shuffle buffer (images) of a pipeline reshuffled per "
+        "iteration; training instead permutes each whole epoch from (seed, epoch), "
+        "so that a resumed run repeats it (data.make_dataset)")
 
 
 @dataclass
 class AugmentConfig:
-    """The lab's four transforms, fused into one affine warp (`RandomAffine`).
+    """The lab's four transforms, fused into one affine warp (`RandomAffine`)."""
 
-    Args:
-        enabled: augment the training images at all.
-        on: `device` (first layer of the training model, on the accelerator)
-            or `cpu` (inside the tf.data pipeline, for comparison).
-        flip: random horizontal flip with p=0.5.
-        max_rotation_deg: rotation drawn uniformly in +-this many degrees.
-        scale_min, scale_max: zoom-in factor drawn uniformly in this range.
-        max_translation: shift drawn uniformly in +-this fraction of the size.
-        fill_mode: how pixels outside the image are filled.
-    """
+    flag_group: ClassVar[str] = "augmentation"
 
-    enabled: bool = True
-    on: str = "device"
-    flip: bool = True
-    max_rotation_deg: float = 15.0
-    scale_min: float = 1.0
-    scale_max: float = 1.4
-    max_translation: float = 0.2
-    fill_mode: str = "reflect"
+    enabled: bool = option(
+        True, "augment the training images (default for every variant but "
+        "baseline)", "--augment", negatable=True)
+    on: str = option(
+        "device", "in the model on the accelerator (default) or in tf.data",
+        "--augment-on", choices=("device", "cpu"))
+    flip: bool = option(True, "random horizontal flip with p=0.5", "--no-flip")
+    max_rotation_deg: float = option(
+        15.0, "rotation drawn uniformly in +-this many degrees", "--max-rotation")
+    scale_min: float = option(
+        1.0, "MIN,MAX zoom-in factor drawn uniformly in this range",
+        "--scale-range", type=flags.float_pair, metavar="MIN,MAX", also="scale_max")
+    scale_max: float = option(1.4, "the zoom range's upper end (--scale-range)")
+    max_translation: float = option(
+        0.2, "shift drawn uniformly in +-this fraction of the image size",
+        "--max-translation")
+    fill_mode: str = option(
+        "reflect", "how pixels outside the image are filled (reflect, wrap, "
+        "nearest or constant)")
 
 
 @dataclass
 class KMeansConfig:
-    """Unsupervised pre-training of the first conv stages with k-means.
+    """Unsupervised pre-training of the first conv stages with k-means."""
 
-    Args:
-        stages: 1-based stages whose kernels are initialised from k-means
-            centroids (`()`: none, `(1,)`: kmeans1, `(1, 2)`: kmeans12).
-        patch_size: side of the square patches clustered for stage 1.
-        patches_per_image: random patches drawn from each unlabeled image.
-        num_images: unlabeled images read (a stream; never all in memory).
-        normalize: per-patch brightness/contrast normalisation.
-        whiten: ZCA-whiten the patches (folded into the kernel and bias).
-        zca_epsilon: regulariser added to the eigenvalues in ZCA whitening.
-        batch_size: MiniBatchKMeans batch size.
-        max_iter: MiniBatchKMeans passes over the patches.
-    """
+    flag_group: ClassVar[str] = "k-means pre-training"
 
-    stages: tuple[int, ...] = ()
-    patch_size: int = 3
-    patches_per_image: int = 20
-    num_images: int = 10000
-    normalize: bool = True
-    whiten: bool = True
-    zca_epsilon: float = 0.01
-    batch_size: int = 4096
-    max_iter: int = 100
+    stages: tuple[int, ...] = option(
+        (), "1-based stages whose kernels are initialised from k-means centroids "
+        "((): none, (1,): kmeans1, (1, 2): kmeans12; set by --variant)")
+    patch_size: int = option(
+        3, "side of the square patches clustered for stage 1 (the conv kernel "
+        "size)", "--kmeans-patch-size")
+    patches_per_image: int = option(
+        20, "random patches drawn from each unlabeled image",
+        "--kmeans-patches-per-image")
+    num_images: int = option(
+        10000, "unlabeled images read for k-means (a stream; never all in memory)",
+        "--kmeans-images")
+    normalize: bool = option(True, "per-patch brightness/contrast normalisation")
+    whiten: bool = option(
+        True, "ZCA-whiten the patches (folded into the kernel and bias)",
+        "--no-whiten")
+    zca_epsilon: float = option(
+        0.01, "regulariser added to the eigenvalues in ZCA whitening")
+    batch_size: int = option(4096, "MiniBatchKMeans batch size")
+    max_iter: int = option(100, "MiniBatchKMeans passes over the patches")
 
 
 @dataclass
 class ModelConfig:
-    """The lab's network: N stages of [conv -> BN -> ReLU -> max-pool] + 2 FC.
+    """The lab's network: N stages of [conv -> BN -> ReLU -> max-pool] + 2 FC."""
 
-    Args:
-        widths: filters of each stage (5 stages by default).
-        convs_per_stage: conv+BN+ReLU blocks per stage before its pool (the
-            lab's 7-conv model is `widths=(64,128,256,512,512)`,
-            `convs_per_stage=(1,1,2,2,1)`).
-        kernel_size: conv kernel side.
-        fc_units: width of the hidden fully connected layer.
-        dropout: dropout rate before each fully connected layer.
-        batch_norm: `manual` (ManualBatchNorm, the lab's derivation) or
-            `keras` (keras.layers.BatchNormalization, for comparison).
-        bn_momentum: moving-average momentum of the BN statistics.
-        bn_epsilon: epsilon inside the BN square root.
-        sync_batch_norm: under `--distribution mirrored`, batch statistics
-            over all replicas' images (each layer's `synchronized`) rather
-            than each replica's own share.
-        num_classes: output classes.
-    """
+    flag_group: ClassVar[str] = "model"
 
-    widths: tuple[int, ...] = (64, 128, 256, 512, 512)
-    convs_per_stage: tuple[int, ...] = (1, 1, 1, 1, 1)
-    kernel_size: int = 3
-    fc_units: int = 512
-    dropout: float = 0.5
-    batch_norm: str = "manual"
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
-    sync_batch_norm: bool = False
-    num_classes: int = 10
+    widths: tuple[int, ...] = option(
+        (64, 128, 256, 512, 512), "filters per stage (5 stages by default)",
+        "--widths")
+    convs_per_stage: tuple[int, ...] = option(
+        (1, 1, 1, 1, 1), "conv+BN+ReLU blocks per stage before its pool (the lab's "
+        "7-conv model: --widths 64,128,256,512,512 --convs-per-stage 1,1,2,2,1)",
+        "--convs-per-stage")
+    kernel_size: int = option(
+        3, "conv kernel side (k-means patches of stage 1 match it)", "--kernel-size")
+    fc_units: int = option(512, "width of the hidden fully connected layer",
+                           "--fc-units")
+    dropout: float = option(0.5, "dropout rate before each fully connected layer",
+                            "--dropout")
+    batch_norm: str = option(
+        "manual", "manual (ManualBatchNorm, the lab's derivation) or keras "
+        "(keras.layers.BatchNormalization)", "--batch-norm",
+        choices=("manual", "keras"))
+    bn_momentum: float = option(0.9, "moving-average momentum of the BN statistics")
+    bn_epsilon: float = option(1e-5, "epsilon inside the BN square root")
+    sync_batch_norm: bool = option(
+        False, "--distribution mirrored: batch statistics over every replica's "
+        "images", "--sync-batch-norm")
+    num_classes: int = option(
+        10, "output classes (a folder's: its class folders, set by the command line)")
 
 
 @dataclass
 class TrainConfig:
-    """Optimisation: SGD as the lab's Torch `optim.sgd` does it.
+    """Optimisation: SGD as the lab's Torch `optim.sgd` does it."""
 
-    Args:
-        epochs: passes over the labeled training split.
-        batch_size: images per step.
-        learning_rate: initial SGD learning rate.
-        lr_decay: inverse-time decay per step, `lr_t = lr / (1 + lr_decay * t)`.
-        lr_schedule: `inverse-time` (the lab's, with `lr_decay`) or `cosine`:
-            `lr_t = lr * (1 + cos(pi * t / T)) / 2` over the run's T steps, to 0
-            at the last step (`lr_decay` is not used).
-        weight_decay: L2 weight decay.
-        momentum: SGD momentum.
-        seed: seeds the split, the weights, augmentation and k-means.
-        mixed_precision: train in mixed bfloat16 (statistics stay float32).
-    """
+    flag_group: ClassVar[str] = "training"
 
-    epochs: int = 30
-    batch_size: int = 32
-    learning_rate: float = 0.01
-    lr_decay: float = 1e-7
-    lr_schedule: str = "inverse-time"
-    weight_decay: float = 5e-4
-    momentum: float = 0.5
-    seed: int = 0
-    mixed_precision: bool = False
+    epochs: int = option(30, "passes over the labeled training split", "--epochs")
+    batch_size: int = option(32, "images per step", "--batch-size")
+    learning_rate: float = option(0.01, "initial SGD learning rate",
+                                  "--learning-rate")
+    lr_decay: float = option(
+        1e-7, "inverse-time decay per step: lr / (1 + decay * step)", "--lr-decay")
+    lr_schedule: str = option(
+        "inverse-time", "inverse-time (the lab's, with --lr-decay) or cosine: "
+        "lr (1 + cos(pi t / T)) / 2 over the run's T steps, to 0 at the last",
+        "--lr-schedule", choices=LR_SCHEDULES)
+    weight_decay: float = option(5e-4, "L2 weight decay", "--weight-decay")
+    momentum: float = option(0.5, "SGD momentum", "--momentum")
+    seed: int = option(
+        0, "seeds the split, the weights, augmentation and k-means", "--seed")
+    mixed_precision: bool = option(
+        False, "train in mixed bfloat16 (statistics stay float32)",
+        "--mixed-precision")
 
 
 @dataclass
 class SemiSupervisedConfig:
-    """Training on the unlabeled images too: FixMatch (Sohn et al., 2020).
+    """Training on the unlabeled images too: FixMatch (Sohn et al., 2020)."""
 
-    Args:
-        method: `none` (labeled images only) or `fixmatch`.
-        unlabeled_ratio: `mu`, unlabeled images per labeled image in a step.
-        confidence_threshold: `tau`; a weak view's prediction becomes a
-            pseudo-label when its top probability is at least this.
-        unlabeled_weight: `lambda`, the weight of the unlabeled loss.
-        weak_translation: the weak view's largest shift, a fraction of the
-            size (with a flip when `augment.flip`).
-        strong_ops: RandAugment-style ops drawn per image for the strong view.
-        strong_magnitude: largest op strength, a fraction of each op's range;
-            each image draws its strength uniformly in `[0, strong_magnitude]`.
-        cutout: side of the strong view's Cutout square, a fraction of the size.
-        ema_decay: decay of the moving average of the weights used for
-            validation, test and export (keras' `use_ema`).
-    """
+    flag_group: ClassVar[str] = "semi-supervised (docs/semi-supervised.md)"
 
-    method: str = "none"
-    unlabeled_ratio: int = 7
-    confidence_threshold: float = 0.95
-    unlabeled_weight: float = 1.0
-    weak_translation: float = 0.125
-    strong_ops: int = 2
-    strong_magnitude: float = 1.0
-    cutout: float = 0.5
-    ema_decay: float = 0.999
+    method: str = option(
+        "none", "fixmatch: also train on the unlabeled images (none: labeled "
+        "images only)", "--semi-supervised", choices=SEMI_SUPERVISED_METHODS)
+    unlabeled_ratio: int = option(
+        7, "mu: unlabeled images per labeled image in a step", "--unlabeled-ratio")
+    confidence_threshold: float = option(
+        0.95, "tau: a weak view's prediction becomes a pseudo-label at this top "
+        "probability", "--confidence-threshold")
+    unlabeled_weight: float = option(
+        1.0, "lambda: weight of the unlabeled loss", "--unlabeled-weight")
+    weak_translation: float = option(
+        0.125, "the weak view's largest shift, a fraction of the size (with a flip "
+        "when augment.flip)")
+    strong_ops: int = option(2, "RandAugment-style ops per strong view",
+                             "--strong-ops")
+    strong_magnitude: float = option(
+        1.0, "largest op strength, a fraction of each op's range (each image draws "
+        "its strength uniformly in [0, this])", "--strong-magnitude")
+    cutout: float = option(
+        0.5, "Cutout square's side, a fraction of the image size", "--cutout")
+    ema_decay: float = option(
+        0.999, "decay of the weights' moving average used for validation, test and "
+        "export (keras' use_ema)", "--ema-decay")
 
 
 @dataclass
@@ -239,7 +257,7 @@ class Config:
         if not isinstance(d, dict):
             raise ConfigError("A config must be a JSON object like the config.json "
                               "a run writes.")
-        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        parts = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key not in parts:
@@ -271,6 +289,11 @@ class Config:
             raise ConfigError(f"{path}: {e}") from None
         except (ValueError, TypeError) as e:
             raise ConfigError(f"{path} is not a valid config.json ({e}).") from None
+
+
+def sections() -> dict[str, type]:
+    """The config's sections, `{name in Config: dataclass}`, in flag-group order."""
+    return dict(_SECTIONS)
 
 
 _SECTIONS = {
@@ -305,45 +328,53 @@ def with_later_sections(d: Any, current: Config) -> Any:
 
 
 def _section_from_dict(cls: type, d: dict[str, Any]) -> Any:
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = set(d) - set(names)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
     if unknown:
         raise ConfigError(
             f"Unknown {cls.__name__} key(s) {sorted(unknown)}; remove them from the file."
         )
     section = {v: k for k, v in _SECTIONS.items()}[cls]
-    fixed = {k: _checked_value(f"{section}.{k}", names[k].type, v) for k, v in d.items()}
+    types = typing.get_type_hints(cls)
+    fixed = {k: _checked_value(f"{section}.{k}", types[k], v) for k, v in d.items()}
     return cls(**fixed)
 
 
-def _checked_value(name: str, annotation: str, value: Any) -> Any:
+def field_kind(annotation: Any) -> tuple[Any, bool]:
+    """`(type, optional)` of a field's annotation: `int | None` -> `(int, True)`."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) \
+            and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return annotation, False
+
+
+def _checked_value(name: str, annotation: Any, value: Any) -> Any:
     """`value` as the field's type; JSON lists become tuples (round trips compare equal).
 
     Without this a string or float in a config file reaches `validate` or keras
     and fails there with a message that names neither the field nor the fix.
     """
-    optional = annotation.endswith("| None")
-    kind = annotation.removesuffix("| None").strip()
+    kind, optional = field_kind(annotation)
     if value is None and optional:
         return None
 
     def is_int(v: Any) -> bool:
         return isinstance(v, int) and not isinstance(v, bool)
 
-    if kind == "tuple[int, ...]" and isinstance(value, (list, tuple)) \
+    if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)) \
             and all(is_int(v) for v in value):
         return tuple(value)
-    if kind == "int" and is_int(value):
+    if kind is int and is_int(value):
         return value
-    if kind == "float" and (is_int(value) or isinstance(value, float)):
+    if kind is float and (is_int(value) or isinstance(value, float)):
         return float(value)
-    if kind == "bool" and isinstance(value, bool):
+    if kind is bool and isinstance(value, bool):
         return value
-    if kind == "str" and isinstance(value, str):
+    if kind is str and isinstance(value, str):
         return value
-    expected = {"tuple[int, ...]": "a list of integers", "int": "an integer",
-                "float": "a number", "bool": "true or false",
-                "str": "a string"}.get(kind, kind)
+    expected = {int: "an integer", float: "a number", bool: "true or false",
+                str: "a string"}.get(kind, "a list of integers")
     raise ConfigError(f"{name} must be {expected}{' or null' if optional else ''}, "
                       f"not {json.dumps(value)}; fix it in the file.")
 

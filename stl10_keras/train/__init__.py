@@ -10,7 +10,8 @@ weights are kept in `RUN/final.weights.h5` (with `RUN/fit.json`) until
 `metrics.json` is written, so a run killed during evaluation, saving or export
 resumes at that step and never trains again. Rerunning a finished run prints
 its results and does nothing (`--overwrite` starts it over). The command line
-is `stl10_keras.cli`; `--distribution` is `stl10_keras.distribute`.
+is `stl10_keras.cli` (run by this package's `__main__`); `--distribution` is
+`stl10_keras.distribute`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -621,9 +621,3 @@ def _augmentation_layer(config: Config, splits, run_dir: Path):
     layer = random_affine_from_config(config.augment, seed=config.train.seed)
     augmentation_figure(layer, splits.x_train, run_dir)
     return layer
-
-
-if __name__ == "__main__":
-    from stl10_keras.cli import main
-
-    sys.exit(main())
