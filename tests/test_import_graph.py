@@ -19,10 +19,22 @@ def module_name(path: Path) -> str:
 
 def imports_of(source: str, name: str, is_package: bool,
                modules: set[str]) -> set[str]:
-    """The modules of `modules` that module `name` imports anywhere in `source`."""
+    """The modules of `modules` that module `name` imports anywhere in `source`.
+
+    An import under `if TYPE_CHECKING:` never runs and is left out; an import
+    of a package that contains `name` (a package re-exporting its modules) is
+    not a dependency of design.
+    """
     package = name if is_package else name.rpartition(".")[0]
+    tree = ast.parse(source)
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for b in node.body for n in ast.walk(b)}
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -34,7 +46,11 @@ def imports_of(source: str, name: str, is_package: bool,
             targets = [base] + [f"{base}.{a.name}" for a in node.names]
         else:
             continue
-        found |= {t for t in targets if t in modules and t != name}
+        for target in targets:
+            while target and target not in modules:  # `from m import function`
+                target = target.rpartition(".")[0]
+            if target and target != name and not name.startswith(target + "."):
+                found.add(target)
     return found
 
 
@@ -92,6 +108,9 @@ def test_the_reader_sees_imports_inside_functions_and_relative_ones():
         "stl10_keras.train", "stl10_keras.serving.errors"}
     assert imports_of("from .. import errors\n", "stl10_keras.serving.rest", False,
                       modules) == {"stl10_keras.errors"}
+    typing_only = ("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
+                   "    from stl10_keras import train\n")
+    assert imports_of(typing_only, "stl10_keras.errors", False, modules) == set()
 
 
 def test_the_package_has_no_import_cycles():
