@@ -34,12 +34,13 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("run")
     g.add_argument("--preset", choices=cfg.PRESETS, default=None,
                    help="default (trains), paper (the lab's lr 1.0) or smoke (tiny)")
-    g.add_argument("--variant", choices=cfg.ALL_VARIANTS, default=None,
-                   help="the lab's Table 1 column (default kmeans12), or fixmatch "
-                        "(kmeans12 + FixMatch)")
+    g.add_argument("--variant", choices=cfg.all_variants(), default=None,
+                   help="the lab's Table 1 column (default kmeans12), or a method "
+                        "that learns from unlabeled images on top of its base "
+                        "variant (fixmatch: kmeans12 + FixMatch)")
     g.add_argument("--config", default=None,
                    help="a config.json to start from (e.g. RUN/config.json)")
-    for section, cls in cfg.sections().items():
+    for cls in cfg.section_classes():
         group = parser.add_argument_group(cls.flag_group)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
@@ -62,6 +63,8 @@ def _add_field_flag(group, f: dataclasses.Field, annotation: Any) -> None:
         kind, _ = cfg.field_kind(annotation)
         kwargs["type"] = (flags.int_list if typing.get_origin(kind) is tuple
                           else kind)
+    if callable(extra.get("choices")):  # a registry's names, known only now
+        extra["choices"] = extra["choices"]()
     kwargs.update(extra)
     group.add_argument(flag, **kwargs)
 
@@ -72,9 +75,8 @@ def _dest(flag: str) -> str:
 
 def apply_flags(config: Config, args: argparse.Namespace) -> None:
     """Set each config field whose flag was given (not validated here)."""
-    for section, cls in cfg.sections().items():
-        part = getattr(config, section)
-        for f in dataclasses.fields(cls):
+    for part in cfg.section_parts(config):
+        for f in dataclasses.fields(part):
             flag = f.metadata.get("flag")
             value = getattr(args, _dest(flag), None) if flag else None
             if value is None:

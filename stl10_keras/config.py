@@ -18,39 +18,16 @@ from typing import Any, ClassVar
 
 from stl10_keras import flags
 from stl10_keras.errors import ConfigError
+from stl10_keras.flags import option
+from stl10_keras.methods import base as method_registry
 
 DATASETS = ("stl10", "digits", "fashion_mnist", "folder")
 VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")  # the lab's Table 1
-# Beyond the lab: kmeans12 + FixMatch on the unlabeled images (docs/semi-supervised.md).
-ALL_VARIANTS = VARIANTS + ("fixmatch",)
-SEMI_SUPERVISED_METHODS = ("none", "fixmatch")
 PRESETS = ("default", "paper", "smoke")
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # RandomAffine's fill modes
 # The lab's Torch decay, or a cosine to zero over the run (lets a fixed number of
 # epochs converge; FixMatch's own schedule is a cosine too).
 LR_SCHEDULES = ("inverse-time", "cosine")
-
-
-def option(default: Any, help: str, flag: str | None = None, **argparse: Any) -> Any:
-    """A config field with its help text and command-line flag beside it.
-
-    The train, ablation and pipeline commands build their flags from these
-    (`cli.add_config_arguments`), with the type from the field's annotation.
-
-    Args:
-        default: the field's default (immutable: tuples, not lists).
-        help: what the field means; the flag's `--help` line.
-        flag: the field's flag: `--name` (a boolean that is false by default:
-            a switch that sets it), `--no-name` (a boolean that is true by
-            default: a switch that clears it), or None (set from a config file
-            only).
-        **argparse: further `add_argument` keywords: `choices`, `metavar`,
-            `type` (instead of the annotation's), `negatable` (a boolean with
-            both `--name` and `--no-name`), `also` (a second field of the
-            section set from the same flag, which then gives a pair).
-    """
-    return field(default=default,
-                 metadata={"help": help, "flag": flag, "argparse": argparse})
 
 
 @dataclass
@@ -204,33 +181,20 @@ class TrainConfig:
 
 @dataclass
 class SemiSupervisedConfig:
-    """Training on the unlabeled images too: FixMatch (Sohn et al., 2020)."""
+    """How the network is trained: the method (`stl10_keras.methods`), its start."""
 
-    flag_group: ClassVar[str] = "semi-supervised (docs/semi-supervised.md)"
+    flag_group: ClassVar[str] = "training method (docs/semi-supervised.md)"
 
     method: str = option(
-        "none", "fixmatch: also train on the unlabeled images (none: labeled "
-        "images only)", "--semi-supervised", choices=SEMI_SUPERVISED_METHODS)
-    unlabeled_ratio: int = option(
-        7, "mu: unlabeled images per labeled image in a step", "--unlabeled-ratio")
-    confidence_threshold: float = option(
-        0.95, "tau: a weak view's prediction becomes a pseudo-label at this top "
-        "probability", "--confidence-threshold")
-    unlabeled_weight: float = option(
-        1.0, "lambda: weight of the unlabeled loss", "--unlabeled-weight")
-    weak_translation: float = option(
-        0.125, "the weak view's largest shift, a fraction of the size (with a flip "
-        "when augment.flip)")
-    strong_ops: int = option(2, "RandAugment-style ops per strong view",
-                             "--strong-ops")
-    strong_magnitude: float = option(
-        1.0, "largest op strength, a fraction of each op's range (each image draws "
-        "its strength uniformly in [0, this])", "--strong-magnitude")
-    cutout: float = option(
-        0.5, "Cutout square's side, a fraction of the image size", "--cutout")
+        "none", "none (labeled images only) or a method that also learns from the "
+        "unlabeled images", "--semi-supervised", choices=method_registry.names)
     ema_decay: float = option(
-        0.999, "decay of the weights' moving average used for validation, test and "
-        "export (keras' use_ema)", "--ema-decay")
+        0.999, "decay of the weights' moving average that the unlabeled-image "
+        "methods evaluate and export (keras' use_ema, warmed up over the first "
+        "steps)", "--ema-decay")
+    init_from: str | None = option(
+        None, "start from the weights of a finished run (a run directory), instead "
+        "of a random or k-means initialisation", "--init-from")
 
 
 @dataclass
@@ -245,6 +209,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
+    # Each training method's own section, {method name: its dataclass}.
+    methods: dict[str, Any] = field(default_factory=lambda: {
+        name: cls() for name, cls in method_registry.sections().items()})
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -257,17 +224,22 @@ class Config:
         if not isinstance(d, dict):
             raise ConfigError("A config must be a JSON object like the config.json "
                               "a run writes.")
+        d = _moved_to_method_sections(d)
         parts = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}
         for key, value in d.items():
             if key not in parts:
                 raise ConfigError(f"Unknown config key '{key}'; remove it from the file.")
             sub = _SECTIONS.get(key)
-            if sub and not isinstance(value, dict):
-                raise ConfigError(f"'{key}' must be an object of {sub.__name__} "
-                                  "fields; fix it in the file.")
-            kwargs[key] = (_section_from_dict(sub, value) if sub
-                           else _checked_value(key, parts[key], value))
+            if (sub or key == "methods") and not isinstance(value, dict):
+                raise ConfigError(f"'{key}' must be an object of "
+                                  f"{sub.__name__ if sub else 'method sections'}; "
+                                  "fix it in the file.")
+            if key == "methods":
+                kwargs[key] = _method_sections_from_dict(value)
+            else:
+                kwargs[key] = (_section_from_dict(sub, value) if sub
+                               else _checked_value(key, parts[key], value))
         config = cls(**kwargs)
         validate(config)
         return config
@@ -292,8 +264,19 @@ class Config:
 
 
 def sections() -> dict[str, type]:
-    """The config's sections, `{name in Config: dataclass}`, in flag-group order."""
+    """The config's own sections, `{name in Config: dataclass}`."""
     return dict(_SECTIONS)
+
+
+def section_classes() -> list[type]:
+    """Every section's dataclass, the methods' after the config's own (flag order)."""
+    return [*_SECTIONS.values(), *method_registry.sections().values()]
+
+
+def section_parts(config: Config) -> list[Any]:
+    """`config`'s section instances in `section_classes` order."""
+    return [*(getattr(config, name) for name in _SECTIONS),
+            *(config.methods[name] for name in method_registry.sections())]
 
 
 _SECTIONS = {
@@ -310,31 +293,75 @@ def with_later_sections(d: Any, current: Config) -> Any:
     """A config.json dict with what was added since it was written, to be
     compared with `current`. A run from before `semi_supervised` trained
     without it, which is what `current` does when its method is `none`; a
-    field added to a section later (e.g. `train.lr_schedule`) has a default
-    that does what runs did before it existed."""
+    field or a method section added later (e.g. `train.lr_schedule`) has a
+    default that does what runs did before it existed."""
     if not isinstance(d, dict):
         return d
+    d = _moved_to_method_sections(d)
     if "semi_supervised" not in d:
         section = (current.semi_supervised
                    if current.semi_supervised.method == "none"
                    else SemiSupervisedConfig())
         d = {**d, "semi_supervised": dataclasses.asdict(section)}
     filled = dict(d)
-    for name, cls in _SECTIONS.items():
-        if isinstance(d.get(name), dict):
+    stored = d.get("methods") if isinstance(d.get("methods"), dict) else {}
+    filled["methods"] = dict(stored)
+    for name, cls in [*_SECTIONS.items(), *method_registry.sections().items()]:
+        where = filled if name in _SECTIONS else filled["methods"]
+        given = d.get(name) if name in _SECTIONS else stored.get(name, {})
+        if isinstance(given, dict):
             defaults = json.loads(json.dumps(dataclasses.asdict(cls())))
-            filled[name] = {**defaults, **d[name]}
+            where[name] = {**defaults, **given}
     return filled
 
 
-def _section_from_dict(cls: type, d: dict[str, Any]) -> Any:
+def _method_sections_from_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """`Config.methods` from JSON: every registered method's section, a missing
+    one at its defaults (a run from before the method existed)."""
+    known = method_registry.sections()
+    unknown = set(d) - set(known)
+    if unknown:
+        raise ConfigError(f"Unknown training method section(s) {sorted(unknown)} "
+                          f"under 'methods' (known: {', '.join(known)}); remove them "
+                          "from the file.")
+    for name, value in d.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"methods.{name} must be an object of "
+                              f"{known[name].__name__} fields; fix it in the file.")
+    return {name: _section_from_dict(cls, d.get(name, {}), f"methods.{name}")
+            for name, cls in known.items()}
+
+
+def _moved_to_method_sections(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with the settings a method owns moved under `methods`: FixMatch's
+    were fields of `semi_supervised` before methods became plug-ins, and a
+    config.json of that time must still load (and compare equal)."""
+    s = d.get("semi_supervised")
+    if not isinstance(s, dict):
+        return d
+    own = {f.name for f in dataclasses.fields(SemiSupervisedConfig)}
+    # A field name two methods share belongs to the first registered.
+    owners = {f.name: name
+              for name, cls in reversed(method_registry.sections().items())
+              for f in dataclasses.fields(cls)}
+    moved = {k: v for k, v in s.items() if k not in own and k in owners}
+    if not moved:
+        return d
+    sections = dict(d.get("methods") or {})
+    for key, value in moved.items():
+        sections[owners[key]] = {**sections.get(owners[key], {}), key: value}
+    kept = {k: v for k, v in s.items() if k not in moved}
+    return {**d, "semi_supervised": kept, "methods": sections}
+
+
+def _section_from_dict(cls: type, d: dict[str, Any], where: str | None = None) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(d) - names
     if unknown:
         raise ConfigError(
             f"Unknown {cls.__name__} key(s) {sorted(unknown)}; remove them from the file."
         )
-    section = {v: k for k, v in _SECTIONS.items()}[cls]
+    section = where or {v: k for k, v in _SECTIONS.items()}[cls]
     types = typing.get_type_hints(cls)
     fixed = {k: _checked_value(f"{section}.{k}", types[k], v) for k, v in d.items()}
     return cls(**fixed)
@@ -386,17 +413,34 @@ def check_choice(value: str, choices: tuple[str, ...], what: str) -> None:
                           f"{', '.join(choices)}.")
 
 
-def apply_variant(config: Config) -> None:
-    """Set augmentation, k-means stages and semi-supervision from `config.variant`.
+def all_variants() -> tuple[str, ...]:
+    """The lab's four, then each method that learns from unlabeled images
+    (`fixmatch`, ...: the method on top of its `base_variant`)."""
+    return VARIANTS + tuple(n for n in method_registry.names() if n != "none")
 
-    The lab's four (Table 1) train on labeled images only; `fixmatch` is
-    `kmeans12` + FixMatch.
+
+def __getattr__(name: str) -> Any:
+    # ALL_VARIANTS depends on the registered methods, which are found on first
+    # use, not while this module is being imported.
+    if name == "ALL_VARIANTS":
+        return all_variants()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def apply_variant(config: Config) -> None:
+    """Set augmentation, k-means stages and the training method from `config.variant`.
+
+    The lab's four (Table 1) train on labeled images only; a method's name is
+    that method on top of the lab's variant it names as its base.
     """
-    check_choice(config.variant, ALL_VARIANTS, "variant")
-    config.augment.enabled = config.variant != "baseline"
+    check_choice(config.variant, all_variants(), "variant")
+    base = config.variant
+    if base not in VARIANTS:
+        base = method_registry.get(config.variant).base_variant
+    config.augment.enabled = base != "baseline"
     config.kmeans.stages = {"baseline": (), "augment": (), "kmeans1": (1,),
-                            "kmeans12": (1, 2), "fixmatch": (1, 2)}[config.variant]
-    config.semi_supervised.method = ("fixmatch" if config.variant == "fixmatch"
+                            "kmeans12": (1, 2)}[base]
+    config.semi_supervised.method = (config.variant if config.variant not in VARIANTS
                                      else "none")
 
 
@@ -408,7 +452,7 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
             lab's values with a learning rate that trains in Keras, see
             docs/training.md), or `smoke` (tiny widths, 1 epoch, small k-means; tests).
         dataset: one of `DATASETS`.
-        variant: one of `VARIANTS`.
+        variant: one of `all_variants()`.
 
     Returns:
         A validated `Config`.
@@ -437,8 +481,9 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
         config.kmeans.max_iter = 10
         config.kmeans.batch_size = 256
         config.data.shuffle_buffer = 512
-        config.semi_supervised.unlabeled_ratio = 2
         config.semi_supervised.ema_decay = 0.9
+    for method in map(method_registry.get, method_registry.names()):
+        method.apply_preset(config, name)
     apply_variant(config)
     validate(config)
     return config
@@ -449,7 +494,7 @@ def validate(config: Config) -> None:
     m, t, a, k, d = config.model, config.train, config.augment, config.kmeans, config.data
     check_choice(config.preset, PRESETS, "preset")
     check_choice(d.dataset, DATASETS, "dataset")
-    check_choice(config.variant, ALL_VARIANTS, "variant")
+    check_choice(config.variant, all_variants(), "variant")
     check_choice(config.train.lr_schedule, LR_SCHEDULES, "lr-schedule")
     _validate_semi_supervised(config)
     if not m.widths or any(w < 1 for w in m.widths):
@@ -535,25 +580,14 @@ def validate(config: Config) -> None:
 
 def _validate_semi_supervised(config: Config) -> None:
     s = config.semi_supervised
-    if s.method not in SEMI_SUPERVISED_METHODS:
-        raise ConfigError(f"--semi-supervised must be one of "
-                          f"{', '.join(SEMI_SUPERVISED_METHODS)}.")
-    if config.variant == "fixmatch" and s.method != "fixmatch":
-        raise ConfigError("--variant fixmatch trains with --semi-supervised fixmatch; "
-                          "drop --semi-supervised none or choose --variant kmeans12.")
-    if s.unlabeled_ratio < 1:
-        raise ConfigError("--unlabeled-ratio must be at least 1, e.g. FixMatch's 7.")
-    if not 0.0 < s.confidence_threshold <= 1.0:
-        raise ConfigError("--confidence-threshold must be in (0, 1], e.g. 0.95.")
-    if s.unlabeled_weight < 0:
-        raise ConfigError("--unlabeled-weight must be 0 or more, e.g. 1.")
-    if not 0.0 <= s.weak_translation < 1.0 or not 0.0 <= s.cutout < 1.0:
-        raise ConfigError("semi_supervised.weak_translation and --cutout must be in "
-                          "[0, 1) (fractions of the image size).")
-    if s.strong_ops < 0 or not 0.0 <= s.strong_magnitude <= 1.0:
-        raise ConfigError("--strong-ops must be 0 or more and --strong-magnitude in "
-                          "[0, 1].")
+    method = method_registry.get(s.method)  # ConfigError naming the methods
+    if config.variant not in VARIANTS and s.method != config.variant:
+        raise ConfigError(f"--variant {config.variant} trains with --semi-supervised "
+                          f"{config.variant}; drop --semi-supervised {s.method} or "
+                          "choose --variant kmeans12.")
     if not 0.0 <= s.ema_decay < 1.0:
         raise ConfigError("--ema-decay must be in [0, 1), e.g. 0.999.")
-    if s.method == "fixmatch" and config.augment.on == "cpu":
-        raise ConfigError("FixMatch augments on the device; drop --augment-on cpu.")
+    if s.init_from is not None and not s.init_from.strip():
+        raise ConfigError("--init-from needs a run directory (one holding "
+                          "model.keras).")
+    method.validate(config)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import field
 from typing import Any, Callable, NoReturn
 
 from stl10_keras.errors import EXIT_USAGE
@@ -99,3 +100,28 @@ def port(text: str) -> int:
     if not text.isdigit() or int(text) > 65535:
         raise argparse.ArgumentTypeError(f"'{text}' is not a port (0..65535)")
     return int(text)
+
+
+def option(default: Any, help: str, flag: str | None = None, **argparse: Any) -> Any:
+    """A config field with its help text and command-line flag beside it.
+
+    The train, ablation and pipeline commands build their flags from these
+    (`cli.add_config_arguments`), with the type from the field's annotation.
+    Config sections (`stl10_keras.config`) and the training methods' own
+    sections (`stl10_keras.methods`) declare their fields with it.
+
+    Args:
+        default: the field's default (immutable: tuples, not lists).
+        help: what the field means; the flag's `--help` line.
+        flag: the field's flag: `--name` (a boolean that is false by default:
+            a switch that sets it), `--no-name` (a boolean that is true by
+            default: a switch that clears it), or None (set from a config file
+            only).
+        **argparse: further `add_argument` keywords: `choices` (or a function
+            returning them, called when the parser is built), `metavar`,
+            `type` (instead of the annotation's), `negatable` (a boolean with
+            both `--name` and `--no-name`), `also` (a second field of the
+            section set from the same flag, which then gives a pair).
+    """
+    return field(default=default,
+                 metadata={"help": help, "flag": flag, "argparse": argparse})

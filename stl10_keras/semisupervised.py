@@ -24,7 +24,10 @@ overridden (both run inside keras' stateless train step under JAX).
 Evaluation and export use the moving average of the weights kept by the
 optimizer (`use_ema`, see `stl10_keras.train.optimizer`).
 
-Backend-agnostic: imports keras only (never tensorflow).
+Backend-agnostic: imports keras only (never tensorflow). This is the keras
+side of the methods `fixmatch` and `freematch`; their plug-ins (config
+sections, flags, batches) are `stl10_keras.methods.fixmatch` and
+`stl10_keras.methods.freematch`, which import it only when a run trains.
 """
 
 from __future__ import annotations
@@ -198,7 +201,7 @@ def weak_augmentation(config: Config, seed: int | None = None) -> RandomAffine |
 
     Returns None when augmentation is off (`--no-augment`) or does nothing.
     """
-    s, a = config.semi_supervised, config.augment
+    s, a = config.methods["fixmatch"], config.augment
     if not a.enabled or (not a.flip and s.weak_translation == 0.0):
         return None
     return RandomAffine(flip=a.flip, max_rotation_deg=0.0, scale_range=(1.0, 1.0),
@@ -209,7 +212,7 @@ def weak_augmentation(config: Config, seed: int | None = None) -> RandomAffine |
 def build_fixmatch_model(config: Config, model: keras.Model,
                          track_pseudo_label_accuracy: bool = False) -> FixMatch:
     """The run's `FixMatch` training model around `model`, seeded from the config."""
-    s, seed = config.semi_supervised, config.train.seed
+    s, seed = config.methods["fixmatch"], config.train.seed
     strong = StrongAugment(num_ops=s.strong_ops, magnitude=s.strong_magnitude,
                            cutout=s.cutout, seed=seed + 1, name="strong_augment")
     return FixMatch(model, weak_augmentation(config, seed), strong,

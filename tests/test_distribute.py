@@ -303,7 +303,7 @@ def test_fixmatch_mirrored_over_two_cpu_devices_matches_one_device(tmp_path):
     # of the (1 + 2 mu) B views and draws its own augmentations, so not
     # bit-equal; gradients summed, not averaged, or --batch-size taken per
     # replica would move the loss more. That the replicas' losses add up to
-    # the batch's (the unlabeled term too) is tested in test_semisupervised.
+    # the batch's (the unlabeled term too) is tested in test_fixmatch.
     np.testing.assert_allclose(mirrored, one, rtol=0.02)
     m = metrics_of(tmp_path / "mirrored")
     assert m["replicas"] == 2 and m["semi_supervised"] == "fixmatch"

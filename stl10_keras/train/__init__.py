@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stl10_keras import config as cfg
-from stl10_keras import runtime
+from stl10_keras import methods, runtime
 from stl10_keras.config import Config
-from stl10_keras.errors import ConfigError, TrainingError
+from stl10_keras.errors import ConfigError, TrainingError, one_line
 from stl10_keras.io_utils import (atomic_output, atomic_write_json,
                                   check_output_dir, crash_point, read_json)
 
@@ -153,7 +153,10 @@ def train(
         # run behind, so rerunning with a corrected --data-dir is not refused.
         splits = data_lib.load_splits_for(config)
     _check_num_classes(config, splits)
-    _check_unlabeled(config, splits)
+    if config.semi_supervised.init_from:
+        init_from_path(config.semi_supervised.init_from)  # refused before a run
+    method = methods.get(config.semi_supervised.method)
+    method.check_data(config, splits)
     run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.dir / "config.json", config.to_dict())
 
@@ -166,7 +169,8 @@ def train(
     )
     fitted = _load_fitted(config, run, splits, verbose)
     if fitted is None:
-        fitted = _fit(config, run, splits, kmeans_result, verbose)
+        fitted = _fit(config, run, method(config, run.dir), splits, kmeans_result,
+                      verbose)
     return _finish(config, run, splits, fitted, wall0)
 
 
@@ -248,42 +252,44 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     return run
 
 
-def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
-         verbose: int) -> _Fitted:
-    """Build and initialise the model, then fit it (from the backup if any)."""
+def _fit(config: Config, run: _Run, method: methods.Method, splits,
+         kmeans_result: dict | None, verbose: int) -> _Fitted:
+    """Build and initialise the model, then fit it with `method` (from the
+    backup if any)."""
     import keras
 
     from stl10_keras import callbacks as cb
     from stl10_keras import data as data_lib
-    from stl10_keras.model import build_model, build_training_model
+    from stl10_keras.model import build_model
 
     t, dist = config.train, run.dist
     backup_dir = run.dir / "backup"
     resuming = backup_dir.exists() and any(backup_dir.iterdir())
     history_path = run.dir / "history.csv"
     throughput = cb.Throughput(t.batch_size)
-    map_fn = _cpu_augmentation(config, splits, run.dir)
-    augmentation = None
+    train_splits = method.prepare(splits, verbose)
     # Everything that creates or updates weights runs inside the strategy or
     # distribution scope (a no-op without --distribution).
     with dist.scope():
         model = build_model(config, splits.image_shape)
-        kmeans_info = _kmeans_init(config, model, splits, run.dir, resuming,
-                                   kmeans_result)
-        dist.sync_weights(model)
-        if _fixmatch(config):
-            training_model = _fixmatch_model(config, model, splits, run.dir)
+        if config.semi_supervised.init_from:
+            kmeans_info = None  # the finished run's weights replace any
+            if not resuming:
+                _init_from(config.semi_supervised.init_from, model, verbose)
         else:
-            if config.augment.enabled and config.augment.on == "device":
-                augmentation = _augmentation_layer(config, splits, run.dir)
-            training_model = build_training_model(model, augmentation)
-        ema_decay = config.semi_supervised.ema_decay if _fixmatch(config) else None
-        # A labeled epoch's steps (FixMatch's too); a data-parallel stream may
-        # cut a tiny last batch to nothing, which only holds the cosine's 0 a
-        # step early.
+            kmeans_info = _kmeans_init(config, model, splits, run.dir, resuming,
+                                       kmeans_result)
+        dist.sync_weights(model)
+        training_model = method.training_model(model, train_splits)
+        ema_decay = (config.semi_supervised.ema_decay if method.averages_weights
+                     else None)
+        # A labeled epoch's steps (every method's epoch is one pass over the
+        # labeled images); a data-parallel stream may cut a tiny last batch to
+        # nothing, which only holds the cosine's 0 a step early.
         compile_training_model(
             training_model, t, ema_decay=ema_decay,
-            steps_per_epoch=data_lib.num_batches(len(splits.y_train), t.batch_size))
+            steps_per_epoch=data_lib.num_batches(len(train_splits.y_train),
+                                                 t.batch_size))
         # Kept when fit returns: the last epoch's state until the final
         # weights are on disk (`_keep_final`).
         backup = cb.backup_and_restore(backup_dir)
@@ -294,19 +300,7 @@ def _fit(config: Config, run: _Run, splits, kmeans_result: dict | None,
         # over at epoch 0's order). A finished backup still gets one epoch
         # for its length; keras trains none.
         stream = (min(first_epoch, t.epochs - 1), t.epochs)
-        if _fixmatch(config):
-            from stl10_keras.unlabeled import fixmatch_batches
-
-            # Epoch e's unlabeled batches follow from e: resumed runs match.
-            train_ds = dist.shard_batches(fixmatch_batches(
-                splits, t.batch_size, config.semi_supervised.unlabeled_ratio,
-                t.seed, stream))
-        else:
-            train_ds = dist.shard_batches(data_lib.make_batches(
-            splits.x_train, splits.y_train, t.batch_size, shuffle=True, seed=t.seed,
-                shuffle_buffer=config.data.shuffle_buffer, map_fn=map_fn,
-                epochs=stream,
-            ), len(splits.y_train), t.batch_size, epochs=stream[1] - stream[0])
+        train_ds = method.batches(train_splits, stream, dist)
         steps_per_epoch = _stream_length(train_ds) // (stream[1] - stream[0])
         val_batch = 256 // dist.replicas * dist.replicas
         val_ds = dist.shard_batches(
@@ -432,24 +426,6 @@ def _remove_resume_files(run_dir: Path) -> None:
         (run_dir / name).unlink(missing_ok=True)
 
 
-def _cpu_augmentation(config: Config, splits, run_dir: Path):
-    """`--augment-on cpu`: the tf.data map that augments; None otherwise."""
-    if not (config.augment.enabled and config.augment.on == "cpu"):
-        return None
-    import tensorflow as tf
-
-    # A tf.data map, not part of the model: built outside any strategy
-    # scope, whose variables would live on the replicas' devices.
-    layer = _augmentation_layer(config, splits, run_dir)
-
-    # Compiled with XLA: 3-5x faster than a plain map (benchmarks/augment.py).
-    @tf.function(jit_compile=True)
-    def map_fn(images, labels):
-        return layer(images, training=True), labels
-
-    return map_fn
-
-
 def _stream_length(batches) -> int:
     """Batches in a training stream: a tf.data cardinality or a PyDataset's len."""
     if hasattr(batches, "cardinality"):
@@ -544,6 +520,41 @@ def _export_once(model, model_path: Path, run: _Run, class_names) -> Path:
         raise TrainingError(str(e)) from None
 
 
+def init_from_path(init_from: str) -> Path:
+    """The `model.keras` that `--init-from` names (a run directory or the file)."""
+    path = Path(init_from).expanduser()
+    if path.is_dir():
+        path = path / "model.keras"
+    if not path.is_file():
+        raise ConfigError(
+            f"--init-from {init_from} holds no model.keras (a finished run's "
+            "directory, e.g. runs/fashion_mnist_baseline_s0); train that run first "
+            "or fix the path.")
+    return path
+
+
+def _init_from(init_from: str, model, verbose: int) -> None:
+    """Copy a finished run's weights into `model` (the same architecture)."""
+    from stl10_keras.model import load_model
+
+    path = init_from_path(init_from)
+    try:
+        source = load_model(path)
+    except Exception as e:  # a corrupt or foreign file: say which, not how
+        raise ConfigError(f"--init-from {init_from}: {path} cannot be loaded "
+                          f"({one_line(e)}).") from None
+    mine = [tuple(w.shape) for w in model.weights]
+    theirs = [tuple(w.shape) for w in source.weights]
+    if mine != theirs:
+        raise ConfigError(
+            f"--init-from {init_from}: that run's network differs from this one "
+            f"({len(theirs)} weight tensors against {len(mine)}, or other shapes); "
+            "use the same --widths, --fc-units, image size and classes.")
+    model.set_weights(source.get_weights())
+    if verbose:
+        print(f"starting from the weights of {path}")
+
+
 def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
                  precomputed: dict | None = None) -> dict | None:
     """Initialise the k-means stages; on resume the backup restores the weights."""
@@ -574,50 +585,3 @@ def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
     atomic_write_json(info_path, info)
     centroids_figure(result, config, run_dir)
     return info
-
-
-def _fixmatch(config: Config) -> bool:
-    return config.semi_supervised.method == "fixmatch"
-
-
-def _check_unlabeled(config: Config, splits) -> None:
-    """FixMatch needs unlabeled images; say so before any run is written."""
-    if _fixmatch(config) and not splits.num_unlabeled:
-        raise ConfigError(
-            f"{splits.source} has no unlabeled images, which --semi-supervised "
-            "fixmatch trains on; add them (STL-10: unlabeled_X.bin) or choose "
-            "--variant kmeans12.")
-
-
-def _fixmatch_model(config: Config, model, splits, run_dir: Path):
-    """The FixMatch training model, after drawing its weak views as Figure 3."""
-    import numpy as np
-
-    from stl10_keras.semisupervised import build_fixmatch_model, weak_augmentation
-    from stl10_keras.visualize import augmentation_figure, save_augmentation_grid
-
-    figure_layer = weak_augmentation(config, seed=config.train.seed)
-    if figure_layer is not None:
-        augmentation_figure(figure_layer, splits.x_train, run_dir)
-    known = getattr(splits, "unlabeled_labels", None) is not None
-    training_model = build_fixmatch_model(config, model,
-                                          track_pseudo_label_accuracy=known)
-    # The strong views beside their originals; a copy of the layer draws
-    # them, so the run's own draws are not moved on.
-    strong = training_model.strong.__class__.from_config(
-        training_model.strong.get_config())
-    originals = splits.x_train[:36]
-    views = np.clip(np.asarray(strong(originals, training=True)), 0, 255)
-    save_augmentation_grid(originals, views.astype("uint8"),
-                           str(run_dir / "figures" / "strong_augmentation.png"))
-    return training_model
-
-
-def _augmentation_layer(config: Config, splits, run_dir: Path):
-    """The run's `RandomAffine` (seeded from the config), after drawing Figure 3."""
-    from stl10_keras.augment import random_affine_from_config
-    from stl10_keras.visualize import augmentation_figure
-
-    layer = random_affine_from_config(config.augment, seed=config.train.seed)
-    augmentation_figure(layer, splits.x_train, run_dir)
-    return layer

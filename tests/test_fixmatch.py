@@ -92,8 +92,8 @@ def tiny_fixmatch(tau=0.9, weight=2.0, track=True):
     from stl10_keras.model import build_model
     from stl10_keras.semisupervised import build_fixmatch_model
 
-    config.semi_supervised.confidence_threshold = tau
-    config.semi_supervised.unlabeled_weight = weight
+    config.methods["fixmatch"].confidence_threshold = tau
+    config.methods["fixmatch"].unlabeled_weight = weight
     model = build_model(config, (8, 8, 3))
     fm = build_fixmatch_model(config, model, track_pseudo_label_accuracy=track)
     fm.compile(optimizer="sgd",
@@ -296,8 +296,8 @@ _MIRRORED_LOSS = """
         config = preset("smoke", "digits", "fixmatch")
         config.model.widths, config.model.fc_units = (4,), 8
         config.model.convs_per_stage, config.kmeans.stages = (1,), ()
-        config.semi_supervised.confidence_threshold = 0.3
-        config.semi_supervised.unlabeled_weight = 2.0
+        config.methods["fixmatch"].confidence_threshold = 0.3
+        config.methods["fixmatch"].unlabeled_weight = 2.0
         fm = build_fixmatch_model(config, build_model(config, (8, 8, 3)))
         fm.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
             from_logits=True))
