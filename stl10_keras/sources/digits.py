@@ -7,12 +7,11 @@ train/validation split follows the seed.
 
 from __future__ import annotations
 
-from typing import Iterator
-
 import numpy as np
 
-from stl10_keras.data import Splits, finish_splits
+from stl10_keras.sources.base import Splits, array_batches, finish_splits
 
+NAME = "digits"
 CLASS_NAMES = tuple(str(i) for i in range(10))
 SIZE = 32
 TEST_PER_CLASS = 30
@@ -45,14 +44,9 @@ def load(val_per_class: int, seed: int) -> Splits:
     test, labeled, unlabeled = (np.sort(np.concatenate(p)) for p in (test, labeled,
                                                                      unlabeled))
     x_unlabeled = images[unlabeled]
-
-    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
-        for i in range(0, len(x_unlabeled), batch_size):
-            yield x_unlabeled[i:i + batch_size]
-
     splits = finish_splits(
-        "digits", CLASS_NAMES, images[labeled], labels[labeled], images[test],
-        labels[test], unlabeled_batches, len(x_unlabeled),
+        NAME, CLASS_NAMES, images[labeled], labels[labeled], images[test],
+        labels[test], array_batches(x_unlabeled), len(x_unlabeled),
         "scikit-learn digits (8x8 upsampled to 32x32x3)", val_per_class, seed,
     )
     # Known to the experimenter only: FixMatch reports its pseudo-labels' accuracy.

@@ -23,13 +23,16 @@ from typing import Iterator
 
 import numpy as np
 
-from stl10_keras.data import DataUnavailableError, Splits, finish_splits
+from stl10_keras.errors import DataUnavailableError
+from stl10_keras.sources.base import Splits, finish_splits
 from stl10_keras.sources.images import decode_image, image_header, list_images
 
 NAME = "folder"
 TEST_FRACTION = 5  # without test/: 1/5 of each class (at least 1) is the test split
 TEST_SEED = 1234  # fixed, like STL-10's fixed test split
 MIN_PER_CLASS = 2
+NEEDS_DATA_DIR = ("--dataset folder needs --data-dir DIR, the folder holding "
+                  "train/CLASS/* (and optionally test/ and unlabeled/).")
 
 
 def class_folder_names(data_dir: str | None) -> tuple[str, ...]:
@@ -117,9 +120,7 @@ def load(data_dir: str | None, val_per_class: int | None, seed: int,
             message names it and the fix.
     """
     if not data_dir:
-        raise DataUnavailableError(
-            "--dataset folder needs --data-dir DIR, the folder holding "
-            "train/CLASS/* (and optionally test/ and unlabeled/).")
+        raise DataUnavailableError(NEEDS_DATA_DIR)
     root = Path(data_dir).expanduser()
     train_dir, test_dir, unlabeled_dir = (root / "train", root / "test",
                                           root / "unlabeled")

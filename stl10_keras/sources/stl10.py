@@ -16,8 +16,10 @@ from typing import Iterator
 
 import numpy as np
 
-from stl10_keras import data as data_lib
-from stl10_keras.data import DataUnavailableError, Splits, finish_splits
+from stl10_keras.errors import DataUnavailableError
+from stl10_keras.sources.base import Splits, finish_splits, tfds_arrays
+
+NAME = "stl10"
 
 CLASS_NAMES = (
     "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
@@ -158,8 +160,9 @@ def _load_stl10_binary(folder: Path, val_per_class: int, seed: int) -> Splits:
         for i in range(0, len(mm), batch_size):
             yield np.ascontiguousarray(mm[i:i + batch_size].transpose(0, 3, 2, 1))
 
-    return finish_splits("stl10", class_names, x, y, x_test, y_test, unlabeled_batches,
-                   num_unlabeled, f"stl10_binary folder {folder}", val_per_class, seed)
+    return finish_splits(NAME, class_names, x, y, x_test, y_test, unlabeled_batches,
+                         num_unlabeled, f"stl10_binary folder {folder}",
+                         val_per_class, seed)
 
 
 # --- STL-10 through tensorflow-datasets ----------------------------------------
@@ -177,8 +180,8 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
                      download: bool) -> Splits:
     import tensorflow_datasets as tfds
 
-    arrays = data_lib.tfds_arrays("stl10", "STL-10", data_dir, download, URL_HOST,
-                                  offline_message(data_dir))
+    arrays = tfds_arrays(NAME, "STL-10", data_dir, download, URL_HOST,
+                         offline_message(data_dir))
     (x, y), (x_test, y_test) = arrays["train"], arrays["test"]
     builder = arrays["builder"]
     splits_info = builder.info.splits
@@ -190,6 +193,6 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
         for images, _ in tfds.as_numpy(ds.batch(batch_size)):
             yield images.astype(np.uint8)
 
-    return finish_splits("stl10", CLASS_NAMES, x, y, x_test, y_test,
-                   unlabeled_batches, num_unlabeled or None, "tensorflow-datasets stl10",
-                   val_per_class, seed)
+    return finish_splits(NAME, CLASS_NAMES, x, y, x_test, y_test,
+                         unlabeled_batches, num_unlabeled or None,
+                         "tensorflow-datasets stl10", val_per_class, seed)
