@@ -1,5 +1,6 @@
-"""Datasets behind one interface: `load_splits` dispatches to a source module
-(`stl10_keras.sources`: stl10, digits, fashion_mnist, folder) and returns `Splits`.
+"""Datasets behind one interface: `load_splits` asks the registry of sources
+(`stl10_keras.sources`: stl10, digits, fashion_mnist, folder, ...) and
+returns `Splits`.
 
 Every dataset is returned as a `Splits`: labeled train / validation / test as
 uint8 arrays (STL-10's labeled 5,000 and test 8,000 images are 0.36 GB as
@@ -19,7 +20,8 @@ from typing import Callable
 
 import numpy as np
 
-from stl10_keras import runtime
+from stl10_keras import runtime, sources
+from stl10_keras.config import DataConfig
 from stl10_keras.errors import DataUnavailableError
 # Re-exported: they lived here before the sources had a base module of their own.
 from stl10_keras.sources.base import (  # noqa: F401
@@ -31,24 +33,30 @@ from stl10_keras.sources.base import (  # noqa: F401
     tfds_arrays,
 )
 
-DEFAULT_VAL_PER_CLASS = {"stl10": 100, "digits": 20}
+
+def source_for(dataset: str) -> sources.Source:
+    """The registered source `dataset`.
+
+    Raises:
+        DataUnavailableError: no source has that name; the message lists them.
+    """
+    names = sources.names()
+    if dataset not in names:
+        listed = " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+        raise DataUnavailableError(f"Unknown dataset '{dataset}'; use {listed}.")
+    return sources.get(dataset)
 
 
 def default_val_per_class(dataset: str,
                           labeled_per_class: int | None = None) -> int | None:
     """Validation images per class when `--val-per-class` is not given.
 
-    STL-10 and digits hold out fixed counts; Fashion-MNIST a fifth of its
-    labeled images per class (STL-10's 100 of 500); a folder a fifth of its
-    smallest class (None here: only the files say how many there are).
+    Each source decides: STL-10 and digits hold out fixed counts; Fashion-MNIST
+    a fifth of its labeled images per class (STL-10's 100 of 500); a folder a
+    fifth of its smallest class (None here: only the files say how many there
+    are).
     """
-    if dataset in DEFAULT_VAL_PER_CLASS:
-        return DEFAULT_VAL_PER_CLASS[dataset]
-    if dataset == "fashion_mnist":
-        from stl10_keras.sources.fashion_mnist import DEFAULT_LABELED_PER_CLASS
-
-        return max(1, (labeled_per_class or DEFAULT_LABELED_PER_CLASS) // 5)
-    return None
+    return source_for(dataset).default_val_per_class(labeled_per_class)
 
 
 def load_splits(
@@ -64,7 +72,8 @@ def load_splits(
     """Load a dataset's splits.
 
     Args:
-        dataset: `stl10`, `digits`, `fashion_mnist` or `folder`.
+        dataset: a registered source's name (`stl10`, `digits`,
+            `fashion_mnist`, `folder`).
         data_dir: for STL-10, a folder holding `stl10_binary/` (or the folder
             itself) or `stl10_binary.tar.gz`, else a tensorflow-datasets data
             dir; for Fashion-MNIST the folder of its four IDX files (or a
@@ -83,34 +92,20 @@ def load_splits(
         A `Splits`.
 
     Raises:
-        DataUnavailableError: the data is neither on disk nor downloadable.
+        DataUnavailableError: the data is neither on disk nor downloadable, or
+            no source has that name.
     """
-    if dataset == "folder":
-        from stl10_keras.sources import folder
-
-        splits = folder.load(data_dir, val_per_class, seed, image_size, channels)
-        return splits
+    source = source_for(dataset)
     if val_per_class is None:
-        val_per_class = default_val_per_class(dataset, labeled_per_class)
-    if dataset == "digits":
-        from stl10_keras.sources import digits
-
-        splits = digits.load(val_per_class, seed)
-    elif dataset == "fashion_mnist":
-        from stl10_keras.sources import fashion_mnist
-
-        splits = fashion_mnist.load(data_dir, labeled_per_class, val_per_class, seed,
-                                    download)
-    elif dataset != "stl10":
-        raise DataUnavailableError(
-            f"Unknown dataset '{dataset}'; use stl10, digits, fashion_mnist or folder.")
-    else:
-        from stl10_keras.sources import stl10
-
-        splits = stl10.load(data_dir, val_per_class, seed, download)
+        val_per_class = source.default_val_per_class(labeled_per_class)
+    data = DataConfig(dataset=dataset, data_dir=data_dir, val_per_class=val_per_class,
+                      labeled_per_class=labeled_per_class, image_size=image_size,
+                      channels=channels, download=download)
+    splits = source.load(data, seed)
     if image_size is not None or channels is not None:
         from stl10_keras.sources.images import conform_splits
 
+        # A no-op for a source that decoded at this size already (a folder).
         splits = conform_splits(splits, image_size, channels)
     return splits
 
@@ -118,27 +113,12 @@ def load_splits(
 def source_files(dataset: str, data_dir: str | None) -> list[Path]:
     """The files a dataset would be read from, sorted (for fingerprints).
 
-    An image folder: every file under `train/`, `test/` and `unlabeled/`;
-    Fashion-MNIST: its four IDX files (in `data_dir`, else Debian's folder);
-    STL-10: the files in `data_dir` and its `stl10_binary/`. Empty for the
-    bundled digits and for data only tensorflow-datasets holds.
+    Each source decides: an image folder, every file under `train/`, `test/`
+    and `unlabeled/`; Fashion-MNIST, its four IDX files (in `data_dir`, else
+    Debian's folder); STL-10, the files in `data_dir` and its `stl10_binary/`.
+    Empty for the bundled digits and for data only tensorflow-datasets holds.
     """
-    if not data_dir and dataset != "fashion_mnist":
-        return []
-    if dataset == "folder":
-        root = Path(data_dir).expanduser()
-        return sorted(p for sub in ("train", "test", "unlabeled")
-                      for p in (root / sub).rglob("*") if p.is_file())
-    if dataset == "fashion_mnist":
-        from stl10_keras.sources import fashion_mnist
-
-        files = fashion_mnist.find_files(data_dir or fashion_mnist.DEBIAN_DIR)
-        return sorted(files.values()) if files else []
-    if dataset == "stl10":
-        root = Path(data_dir).expanduser()
-        return sorted(p for folder in (root, root / "stl10_binary") if folder.is_dir()
-                      for p in folder.iterdir() if p.is_file())
-    return []
+    return source_for(dataset).source_files(data_dir)
 
 
 def source_files_signature(dataset: str, data_dir: str | None) -> str | None:

@@ -14,11 +14,16 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from stl10_keras.errors import DataUnavailableError
 from stl10_keras.sources.base import (
-    Splits, array_batches, finish_splits, tfds_arrays)
+    Source, Splits, array_batches, finish_splits, register, tfds_arrays)
+
+if TYPE_CHECKING:
+    from stl10_keras.config import DataConfig
 
 NAME = "fashion_mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -202,3 +207,26 @@ def load(data_dir: str | None, labeled_per_class: int | None,
     # Known to the experimenter only: FixMatch reports its pseudo-labels' accuracy.
     splits.unlabeled_labels = y[rest].astype(np.int32)
     return splits
+
+
+@register
+class FashionMNIST(Source):
+    """Fashion-MNIST under STL-10's protocol: N labeled images per class drawn by
+    the seed, the rest of its training images unlabeled."""
+
+    name = NAME
+    help = ("Zalando's Fashion-MNIST (its four IDX files in --data-dir or "
+            f"{DEBIAN_DIR}, else tensorflow-datasets)")
+    takes_labeled_per_class = True
+
+    def load(self, data: DataConfig, seed: int) -> Splits:
+        return load(data.data_dir, data.labeled_per_class, data.val_per_class, seed,
+                    data.download)
+
+    def source_files(self, data_dir: str | None) -> list[Path]:
+        # Without --data-dir, Debian's folder is read when it holds the files.
+        files = find_files(data_dir or DEBIAN_DIR)
+        return sorted(files.values()) if files else []
+
+    def default_val_per_class(self, labeled_per_class: int | None) -> int:
+        return val_per_class_for(labeled_per_class)

@@ -12,12 +12,16 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
 from stl10_keras.errors import DataUnavailableError
-from stl10_keras.sources.base import Splits, finish_splits, tfds_arrays
+from stl10_keras.sources.base import (
+    Source, Splits, finish_splits, register, tfds_arrays)
+
+if TYPE_CHECKING:
+    from stl10_keras.config import DataConfig
 
 NAME = "stl10"
 
@@ -28,6 +32,7 @@ SHAPE = (96, 96, 3)
 URL_HOST = "ai.stanford.edu"
 ARCHIVE = "stl10_binary.tar.gz"
 FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+VAL_PER_CLASS = 100  # of each class's 500: 4,000 train / 1,000 validation, as the lab
 
 
 def load(data_dir: str | None, val_per_class: int, seed: int,
@@ -196,3 +201,27 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
     return finish_splits(NAME, CLASS_NAMES, x, y, x_test, y_test,
                          unlabeled_batches, num_unlabeled or None,
                          "tensorflow-datasets stl10", val_per_class, seed)
+
+
+@register
+class STL10(Source):
+    """STL-10, the lab's dataset: 500 labeled images per class, 100,000 unlabeled."""
+
+    name = NAME
+    help = ("the lab's STL-10 (stl10_binary/ or its tarball in --data-dir, else "
+            "tensorflow-datasets)")
+    lab_reference = True
+
+    def load(self, data: DataConfig, seed: int) -> Splits:
+        return load(data.data_dir, data.val_per_class, seed, data.download)
+
+    def source_files(self, data_dir: str | None) -> list[Path]:
+        # Without --data-dir only tensorflow-datasets holds it: no files of the user's.
+        if not data_dir:
+            return []
+        root = Path(data_dir).expanduser()
+        return sorted(p for folder in (root, root / "stl10_binary") if folder.is_dir()
+                      for p in folder.iterdir() if p.is_file())
+
+    def default_val_per_class(self, labeled_per_class: int | None) -> int:
+        return VAL_PER_CLASS
