@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from stl10_keras import config as cfg
-from stl10_keras import runtime
+from stl10_keras import runtime, sources
 from stl10_keras.config import Config, ConfigError
 from stl10_keras.io_utils import check_output_dir
 
@@ -55,9 +55,9 @@ def _size(text: str) -> tuple[int, int]:
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that shape a `Config` (shared by train and ablation)."""
     g = parser.add_argument_group("run")
-    g.add_argument("--dataset", choices=cfg.DATASETS, default=None,
-                   help="stl10 (default), the bundled digits, fashion_mnist, or "
-                        "folder (your images in --data-dir; docs/data.md)")
+    g.add_argument("--dataset", choices=sources.names(), default=None,
+                   help=sources.help_text(default=cfg.DataConfig.dataset)
+                   + " (docs/data.md)")
     g.add_argument("--data-dir", default=None,
                    help="stl10: folder with stl10_binary/ or stl10_binary.tar.gz, "
                         "or a tensorflow-datasets data dir; fashion_mnist: folder "
@@ -202,38 +202,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
         a.flip = False
     if args.no_whiten:
         k.whiten = False
-    if d.dataset == "folder" and not d.data_dir:
-        raise ConfigError("--dataset folder needs --data-dir DIR, the folder holding "
-                          "train/CLASS/* (and optionally test/ and unlabeled/).")
-    if d.dataset == "folder":
-        from stl10_keras.sources.folder import class_folder_names
-
-        # The model's outputs are the folder's classes; fewer than 2 (or no
-        # train/) is left to the data loader, which names the fix.
-        names = class_folder_names(d.data_dir)
-        if len(names) >= 2:
-            m.num_classes = len(names)
+    sources.get(d.dataset).configure(config)
     cfg.validate(config)
     check_data_dir(config, given=args.data_dir is not None)
     return config
 
 
 def check_data_dir(config: Config, given: bool) -> None:
-    """Refuse a `--data-dir` that is a file, or that the dataset does not read.
+    """Refuse a `--data-dir` that is a file, or that the dataset does not read
+    or needs (`Source.check_flags`).
 
     Args:
         config: the resolved config.
         given: whether `--data-dir` was on the command line (a config file's
             value is the run's record, not a user's new mistake).
     """
+    sources.get(config.data.dataset).check_flags(config, data_dir_given=given)
     data_dir = config.data.data_dir
     if data_dir is None:
         return
-    if given and config.data.dataset == "digits":
-        # An error, not a warning: the value would be recorded in config.json,
-        # where it changes nothing but makes the run's config differ.
-        raise ConfigError("--data-dir is not used by --dataset digits (bundled "
-                          "with scikit-learn); drop it.")
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise ConfigError(f"--data-dir {data_dir} is a file, not a directory; pass "
                           "the folder that holds stl10_binary/ or the archive.")
