@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from stl10_keras import config as cfg
-from stl10_keras import errors, flags, runtime
+from stl10_keras import errors, flags, runtime, sources
 from stl10_keras.config import Config
 from stl10_keras.errors import ConfigError, UserError
 from stl10_keras.io_utils import (
@@ -52,6 +52,15 @@ VARIANT_LABELS = {
 # The lab's Table 1: STL-10 validation accuracy (%), 4,000 train / 1,000 validation.
 LAB_VAL_ACCURACY_PCT = {"baseline": 71.4, "augment": 80.9, "kmeans1": 83.9,
                         "kmeans12": 84.4}
+
+
+def lab_reference(dataset: str) -> bool:
+    """Whether the lab reported Table 1 on `dataset` (its source's `lab_reference`),
+    so the table and Figure 8 show the lab's numbers beside ours. False for a
+    name no source has (a summary written with a source since removed)."""
+    return dataset in sources.names() and sources.get(dataset).lab_reference
+
+
 # Convergence: mean validation accuracy of the last N epochs minus that of the N
 # before (a run still rising shows a clearly positive value).
 CONVERGENCE_WINDOW = 5
@@ -65,16 +74,16 @@ REFUSED_FLAGS = {"--variant", "--seed", "--augment", "--no-augment",
 
 def parse_variants(text: str) -> tuple[str, ...]:
     """`--variants`: `all`, or comma-separated names; always in the table's order."""
-    names = cfg.ALL_VARIANTS if text.strip() == "all" else tuple(
+    names = cfg.all_variants() if text.strip() == "all" else tuple(
         t.strip() for t in text.split(",") if t.strip())
-    unknown = [n for n in names if n not in cfg.ALL_VARIANTS]
+    unknown = [n for n in names if n not in cfg.all_variants()]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"expected 'all' or names from {','.join(cfg.ALL_VARIANTS)}, got '{text}'")
+            f"expected 'all' or names from {','.join(cfg.all_variants())}, got '{text}'")
     if "baseline" not in names:
         raise argparse.ArgumentTypeError(
             "the table compares every variant with baseline; include baseline")
-    return tuple(v for v in cfg.ALL_VARIANTS if v in names)
+    return tuple(v for v in cfg.all_variants() if v in names)
 
 
 def parse_variant_seeds(text: str) -> dict[str, int]:
@@ -83,11 +92,11 @@ def parse_variant_seeds(text: str) -> dict[str, int]:
     for item in (t.strip() for t in text.split(",") if t.strip()):
         name, _, count = item.partition("=")
         name = name.strip()
-        if name not in cfg.ALL_VARIANTS or not count.strip().isdigit() \
+        if name not in cfg.all_variants() or not count.strip().isdigit() \
                 or int(count) < 1:
             raise argparse.ArgumentTypeError(
                 f"expected VARIANT=N with N >= 1 and VARIANT from "
-                f"{','.join(cfg.ALL_VARIANTS)}, e.g. fixmatch=1; got '{item}'")
+                f"{','.join(cfg.all_variants())}, e.g. fixmatch=1; got '{item}'")
         if name == "baseline":
             raise argparse.ArgumentTypeError(
                 "baseline trains every seed of --seeds (each variant is compared "
@@ -291,7 +300,7 @@ def summarize(
     base["augment"].pop("enabled")
     base["kmeans"].pop("stages")
     base["semi_supervised"].pop("method")
-    order = [v for v in cfg.ALL_VARIANTS if (v, seeds[0]) in plan]
+    order = [v for v in cfg.all_variants() if (v, seeds[0]) in plan]
     protocol = {
         "dataset": first.data.dataset,
         "data_source": data.get("source"),
@@ -336,7 +345,7 @@ def summarize(
             entry["late_change_pp"] = _stats([late_change_pp(c, window)
                                               for c in entry["val_curves"]])
             entry["late_change_pp"]["window"] = window
-        if first.data.dataset == "stl10":  # None: beyond the lab
+        if lab_reference(first.data.dataset):  # None: beyond the lab
             entry["lab_val_accuracy_pct"] = LAB_VAL_ACCURACY_PCT.get(variant)
         variants[variant] = entry
     return {"protocol": protocol, "variants": variants,
@@ -403,11 +412,11 @@ def protocol_sentence(summary: dict) -> str:
 def render_markdown(summary: dict) -> str:
     """`ablation.md`: the protocol, then Table 1."""
     p = summary["protocol"]
-    stl10 = p["dataset"] == "stl10"
+    with_lab = lab_reference(p["dataset"])
     n = len(p["seeds"])
     lines = [f"# Ablation (the lab's Table 1) on {p['dataset']}", "",
              protocol_sentence(summary), ""]
-    if stl10:
+    if with_lab:
         lines += [
             "The lab's column is its reported validation accuracy on a 4,000 / 1,000 "
             "split of STL-10's 5,000 labeled images, which is what our validation "
@@ -416,7 +425,7 @@ def render_markdown(summary: dict) -> str:
             "uses that test set but trains on 4,000 images, so neither column "
             "compares with published STL-10 numbers.", ""]
     header = ["variant"]
-    if stl10:
+    if with_lab:
         header.append("lab val %")
     header += ["val % (mean ± std)", "val % per seed", "test % (mean ± std)",
                "test % per seed", "val vs baseline (pp)", "wall s per run (mean)"]
@@ -426,7 +435,7 @@ def render_markdown(summary: dict) -> str:
         val, test, imp = (v["val_accuracy"], v["test_accuracy"],
                           v["improvement_over_baseline_pct"])
         row = [f"{v['label']} (`{variant}`)"]
-        if stl10:
+        if with_lab:
             lab = v["lab_val_accuracy_pct"]
             row.append("–" if lab is None else f"{lab:.1f}")
         row += [
@@ -480,12 +489,12 @@ def save_figure8(summary: dict, path: Path) -> None:
     entries = [summary["variants"][v] for v in variants]
     means = [e["improvement_over_baseline_pct"]["mean"] for e in entries]
     stds = [e["improvement_over_baseline_pct"]["std"] for e in entries]
-    stl10 = p["dataset"] == "stl10"
+    with_lab = lab_reference(p["dataset"])
     x = np.arange(len(variants))
-    width = 0.38 if stl10 else 0.6
+    width = 0.38 if with_lab else 0.6
     fig = Figure(figsize=(6.4, 4.2), dpi=100)
     ax = fig.add_subplot()
-    offset = -width / 2 if stl10 else 0.0
+    offset = -width / 2 if with_lab else 0.0
     has_std = all(s is not None for s in stds)
     ax.bar(x + offset, means, width, yerr=stds if has_std else None, capsize=5,
            color="#4477aa",
@@ -494,7 +503,7 @@ def save_figure8(summary: dict, path: Path) -> None:
         per_seed = e["improvement_over_baseline_pct"]["per_seed"]
         ax.plot([x[i] + offset] * len(per_seed), per_seed, "o", ms=4, color="black",
                 zorder=3, label="single seeds" if i == 0 else None)
-    if stl10:
+    if with_lab:
         lab = [(i, LAB_VAL_ACCURACY_PCT[v] - LAB_VAL_ACCURACY_PCT["baseline"])
                for i, v in enumerate(variants) if v in LAB_VAL_ACCURACY_PCT]
         ax.bar([x[i] + width / 2 for i, _ in lab], [d for _, d in lab], width,
@@ -556,7 +565,7 @@ def write_hparams(ablation_dir: Path, name: str, config: Config,
         with writer.as_default():
             hp.hparams_config(
                 hparams=[
-                    hp.HParam("variant", hp.Discrete(list(cfg.ALL_VARIANTS))),
+                    hp.HParam("variant", hp.Discrete(list(cfg.all_variants()))),
                     hp.HParam("seed"),
                     hp.HParam("augment", hp.Discrete([False, True])),
                     hp.HParam("kmeans_stages", hp.Discrete(["none", "1", "1,2"])),
@@ -616,7 +625,7 @@ def run_ablation(
     total = len(plan)
     metrics: dict[tuple[str, int], dict] = {}
     index = 0
-    order = [v for v in cfg.ALL_VARIANTS if (v, seeds[0]) in plan]
+    order = [v for v in cfg.all_variants() if (v, seeds[0]) in plan]
     announced = False  # the device line, once for the whole ablation
     for seed in seeds:
         splits = None  # loaded once per seed, only if a run needs training

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from stl10_keras import config as cfg
-from stl10_keras import errors, flags, runtime
+from stl10_keras import errors, flags, runtime, sources
 from stl10_keras.config import Config
 from stl10_keras.errors import ConfigError, UserError
 from stl10_keras.io_utils import check_output_dir
@@ -52,8 +52,9 @@ def _add_field_flag(group, f: dataclasses.Field, annotation: Any) -> None:
     """One config field's flag; its dest is the flag's name (`--no-flip`: flip)."""
     flag, extra = f.metadata["flag"], dict(f.metadata["argparse"])
     extra.pop("also", None)
+    help_text = f.metadata["help"]
     kwargs: dict[str, Any] = {"dest": _dest(flag), "default": None,
-                              "help": f.metadata["help"]}
+                              "help": help_text() if callable(help_text) else help_text}
     if annotation is bool:
         if extra.pop("negatable", False):
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -96,45 +97,33 @@ def config_from_args(args: argparse.Namespace) -> Config:
             config.variant = args.variant
             cfg.apply_variant(config)
     else:
-        config = cfg.preset(args.preset or "default", args.dataset or "stl10",
+        config = cfg.preset(args.preset or "default",
+                            args.dataset or cfg.DataConfig().dataset,
                             args.variant or "kmeans12")
     apply_flags(config, args)
     d, m = config.data, config.model
     if args.convs_per_stage is None and args.widths is not None \
             and len(m.convs_per_stage) != len(m.widths):
         m.convs_per_stage = (1,) * len(m.widths)
-    if d.dataset == "folder" and not d.data_dir:
-        raise ConfigError("--dataset folder needs --data-dir DIR, the folder holding "
-                          "train/CLASS/* (and optionally test/ and unlabeled/).")
-    if d.dataset == "folder":
-        from stl10_keras.sources.folder import class_folder_names
-
-        # The model's outputs are the folder's classes; fewer than 2 (or no
-        # train/) is left to the data loader, which names the fix.
-        names = class_folder_names(d.data_dir)
-        if len(names) >= 2:
-            m.num_classes = len(names)
+    sources.get(d.dataset).configure(config)
     cfg.validate(config)
     check_data_dir(config, given=args.data_dir is not None)
     return config
 
 
 def check_data_dir(config: Config, given: bool) -> None:
-    """Refuse a `--data-dir` that is a file, or that the dataset does not read.
+    """Refuse a `--data-dir` that is a file, or that the dataset does not read
+    or needs (`Source.check_flags`).
 
     Args:
         config: the resolved config.
         given: whether `--data-dir` was on the command line (a config file's
             value is the run's record, not a user's new mistake).
     """
+    sources.get(config.data.dataset).check_flags(config, data_dir_given=given)
     data_dir = config.data.data_dir
     if data_dir is None:
         return
-    if given and config.data.dataset == "digits":
-        # An error, not a warning: the value would be recorded in config.json,
-        # where it changes nothing but makes the run's config differ.
-        raise ConfigError("--data-dir is not used by --dataset digits (bundled "
-                          "with scikit-learn); drop it.")
     if Path(data_dir).exists() and not Path(data_dir).is_dir():
         raise ConfigError(f"--data-dir {data_dir} is a file, not a directory; pass "
                           "the folder that holds stl10_binary/ or the archive.")

@@ -16,12 +16,11 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from stl10_keras import flags
+from stl10_keras import flags, sources
 from stl10_keras.errors import ConfigError
 from stl10_keras.flags import option
 from stl10_keras.methods import base as method_registry
 
-DATASETS = ("stl10", "digits", "fashion_mnist", "folder")
 VARIANTS = ("baseline", "augment", "kmeans1", "kmeans12")  # the lab's Table 1
 PRESETS = ("default", "paper", "smoke")
 FILL_MODES = ("reflect", "wrap", "nearest", "constant")  # RandomAffine's fill modes
@@ -37,8 +36,8 @@ class DataConfig:
     flag_group: ClassVar[str] = "data"
 
     dataset: str = option(
-        "stl10", "stl10 (default), the bundled digits, fashion_mnist, or folder "
-        "(your images in --data-dir; docs/data.md)", "--dataset", choices=DATASETS)
+        "stl10", lambda: sources.help_text(default="stl10") + " (docs/data.md)",
+        "--dataset", choices=sources.names)
     data_dir: str | None = option(
         None, "stl10: folder with stl10_binary/ or stl10_binary.tar.gz, or a "
         "tensorflow-datasets data dir; fashion_mnist: folder of its four IDX files "
@@ -451,25 +450,17 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
         name: `paper` (the lab's values exactly: SGD lr 1.0), `default` (the
             lab's values with a learning rate that trains in Keras, see
             docs/training.md), or `smoke` (tiny widths, 1 epoch, small k-means; tests).
-        dataset: one of `DATASETS`.
+        dataset: a registered source's name (`sources.names()`).
         variant: one of `all_variants()`.
 
     Returns:
         A validated `Config`.
     """
     check_choice(name, PRESETS, "preset")
-    check_choice(dataset, DATASETS, "dataset")
+    check_choice(dataset, sources.names(), "dataset")
     config = Config(preset=name, variant=variant)
     config.data.dataset = dataset
-    if dataset == "digits":
-        # 1,797 small images: a smaller k-means sample, fewer epochs. Digits
-        # are not mirror-symmetric (a flipped 2 is no 2): no flips.
-        config.kmeans.num_images = 800  # of its 897 unlabeled images
-        config.train.epochs = 15
-        config.augment.flip = False
-        # 13 steps an epoch, ~200 a run: the average must forget in ~10 steps
-        # (0.99 still weighted the initial weights 0.14 at the end).
-        config.semi_supervised.ema_decay = 0.9
+    sources.get(dataset).apply_preset(config)
     if name == "paper":
         config.train.learning_rate = 1.0
     elif name == "smoke":
@@ -493,7 +484,7 @@ def validate(config: Config) -> None:
     """Raise `ConfigError` naming the fix for any invalid value."""
     m, t, a, k, d = config.model, config.train, config.augment, config.kmeans, config.data
     check_choice(config.preset, PRESETS, "preset")
-    check_choice(d.dataset, DATASETS, "dataset")
+    check_choice(d.dataset, sources.names(), "dataset")
     check_choice(config.variant, all_variants(), "variant")
     check_choice(config.train.lr_schedule, LR_SCHEDULES, "lr-schedule")
     _validate_semi_supervised(config)
@@ -536,9 +527,7 @@ def validate(config: Config) -> None:
     if d.labeled_per_class is not None and d.labeled_per_class < 2:
         raise ConfigError("--labeled-per-class must be at least 2 (labeled images per "
                           "class, a fifth of them held out for validation).")
-    if d.labeled_per_class is not None and d.dataset != "fashion_mnist":
-        raise ConfigError("--labeled-per-class applies to --dataset fashion_mnist "
-                          "only; drop it.")
+    sources.get(d.dataset).validate(config)
     if d.image_size is not None and (len(d.image_size) != 2
                                      or min(d.image_size) < 1):
         raise ConfigError("--image-size needs two positive numbers H,W, e.g. 96,96.")

@@ -1,5 +1,6 @@
-"""Datasets behind one interface: `load_splits` dispatches to a source module
-(`stl10_keras.sources`: stl10, digits, fashion_mnist, folder) and returns `Splits`.
+"""Datasets behind one interface: `load_splits` asks the registry of sources
+(`stl10_keras.sources`: stl10, digits, fashion_mnist, folder, ...) and
+returns `Splits`.
 
 Every dataset is returned as a `Splits`: labeled train / validation / test as
 uint8 arrays (STL-10's labeled 5,000 and test 8,000 images are 0.36 GB as
@@ -14,114 +15,48 @@ same uint8 batches from numpy (`NumpyBatches`), for a JAX-only install.
 from __future__ import annotations
 
 import math
-import socket
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable
 
 import numpy as np
 
-from stl10_keras import runtime
+from stl10_keras import runtime, sources
+from stl10_keras.config import DataConfig
 from stl10_keras.errors import DataUnavailableError
+# Re-exported: they lived here before the sources had a base module of their own.
+from stl10_keras.sources.base import (  # noqa: F401
+    Splits,
+    UnlabeledFactory,
+    finish_splits,
+    host_reachable,
+    stratified_split,
+    tfds_arrays,
+)
 
-DEFAULT_VAL_PER_CLASS = {"stl10": 100, "digits": 20}
+
+def source_for(dataset: str) -> sources.Source:
+    """The registered source `dataset`.
+
+    Raises:
+        DataUnavailableError: no source has that name; the message lists them.
+    """
+    names = sources.names()
+    if dataset not in names:
+        listed = " or ".join(filter(None, (", ".join(names[:-1]), names[-1])))
+        raise DataUnavailableError(f"Unknown dataset '{dataset}'; use {listed}.")
+    return sources.get(dataset)
 
 
 def default_val_per_class(dataset: str,
                           labeled_per_class: int | None = None) -> int | None:
     """Validation images per class when `--val-per-class` is not given.
 
-    STL-10 and digits hold out fixed counts; Fashion-MNIST a fifth of its
-    labeled images per class (STL-10's 100 of 500); a folder a fifth of its
-    smallest class (None here: only the files say how many there are).
+    Each source decides: STL-10 and digits hold out fixed counts; Fashion-MNIST
+    a fifth of its labeled images per class (STL-10's 100 of 500); a folder a
+    fifth of its smallest class (None here: only the files say how many there
+    are).
     """
-    if dataset in DEFAULT_VAL_PER_CLASS:
-        return DEFAULT_VAL_PER_CLASS[dataset]
-    if dataset == "fashion_mnist":
-        from stl10_keras.sources.fashion_mnist import DEFAULT_LABELED_PER_CLASS
-
-        return max(1, (labeled_per_class or DEFAULT_LABELED_PER_CLASS) // 5)
-    return None
-
-
-UnlabeledFactory = Callable[[int], Iterator[np.ndarray]]
-
-
-@dataclass
-class Splits:
-    """A dataset's four splits.
-
-    Attributes:
-        name: `stl10`, `digits`, `fashion_mnist` or `folder`.
-        class_names: the class names, index = label.
-        image_shape: `(H, W, C)`.
-        x_train, y_train: labeled training images (uint8 NHWC) and labels (int32).
-        x_val, y_val: the held-out labeled validation images and labels.
-        x_test, y_test: the test split.
-        unlabeled_batches: `unlabeled_batches(batch_size)` returns a fresh
-            iterator over uint8 batches of the unlabeled split (a stream).
-        num_unlabeled: number of unlabeled images (None if unknown).
-        source: where the data came from, for the run's records.
-        val_indices: indices into the labeled set that form validation.
-        unlabeled_labels: the unlabeled images' true labels in stream order,
-            where the dataset knows them (digits); only FixMatch's
-            pseudo-label accuracy metric reads them. None otherwise.
-    """
-
-    name: str
-    class_names: tuple[str, ...]
-    image_shape: tuple[int, int, int]
-    x_train: np.ndarray
-    y_train: np.ndarray
-    x_val: np.ndarray
-    y_val: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    unlabeled_batches: UnlabeledFactory
-    num_unlabeled: int | None
-    source: str
-    val_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    unlabeled_labels: np.ndarray | None = None
-
-    def summary(self) -> dict:
-        return {
-            "dataset": self.name,
-            "source": self.source,
-            "class_names": list(self.class_names),
-            "image_shape": list(self.image_shape),
-            "train": int(len(self.y_train)),
-            "validation": int(len(self.y_val)),
-            "test": int(len(self.y_test)),
-            "unlabeled": self.num_unlabeled,
-        }
-
-
-def stratified_split(
-    labels: np.ndarray, val_per_class: int, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split indices into train / validation with `val_per_class` per class.
-
-    Args:
-        labels: integer labels of the labeled set.
-        val_per_class: validation images per class.
-        seed: the split's seed (same seed, same split).
-
-    Returns:
-        `(train_indices, val_indices)`, each sorted.
-    """
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) <= val_per_class:
-            raise DataUnavailableError(
-                f"Class {c} has only {len(idx)} labeled images, too few to hold out "
-                f"{val_per_class} for validation; lower --val-per-class."
-            )
-        val.append(rng.permutation(idx)[:val_per_class])
-    val_idx = np.sort(np.concatenate(val))
-    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
-    return train_idx, val_idx
+    return source_for(dataset).default_val_per_class(labeled_per_class)
 
 
 def load_splits(
@@ -137,7 +72,8 @@ def load_splits(
     """Load a dataset's splits.
 
     Args:
-        dataset: `stl10`, `digits`, `fashion_mnist` or `folder`.
+        dataset: a registered source's name (`stl10`, `digits`,
+            `fashion_mnist`, `folder`).
         data_dir: for STL-10, a folder holding `stl10_binary/` (or the folder
             itself) or `stl10_binary.tar.gz`, else a tensorflow-datasets data
             dir; for Fashion-MNIST the folder of its four IDX files (or a
@@ -156,34 +92,20 @@ def load_splits(
         A `Splits`.
 
     Raises:
-        DataUnavailableError: the data is neither on disk nor downloadable.
+        DataUnavailableError: the data is neither on disk nor downloadable, or
+            no source has that name.
     """
-    if dataset == "folder":
-        from stl10_keras.sources import folder
-
-        splits = folder.load(data_dir, val_per_class, seed, image_size, channels)
-        return splits
+    source = source_for(dataset)
     if val_per_class is None:
-        val_per_class = default_val_per_class(dataset, labeled_per_class)
-    if dataset == "digits":
-        from stl10_keras.sources import digits
-
-        splits = digits.load(val_per_class, seed)
-    elif dataset == "fashion_mnist":
-        from stl10_keras.sources import fashion_mnist
-
-        splits = fashion_mnist.load(data_dir, labeled_per_class, val_per_class, seed,
-                                    download)
-    elif dataset != "stl10":
-        raise DataUnavailableError(
-            f"Unknown dataset '{dataset}'; use stl10, digits, fashion_mnist or folder.")
-    else:
-        from stl10_keras.sources import stl10
-
-        splits = stl10.load(data_dir, val_per_class, seed, download)
+        val_per_class = source.default_val_per_class(labeled_per_class)
+    data = DataConfig(dataset=dataset, data_dir=data_dir, val_per_class=val_per_class,
+                      labeled_per_class=labeled_per_class, image_size=image_size,
+                      channels=channels, download=download)
+    splits = source.load(data, seed)
     if image_size is not None or channels is not None:
         from stl10_keras.sources.images import conform_splits
 
+        # A no-op for a source that decoded at this size already (a folder).
         splits = conform_splits(splits, image_size, channels)
     return splits
 
@@ -191,27 +113,12 @@ def load_splits(
 def source_files(dataset: str, data_dir: str | None) -> list[Path]:
     """The files a dataset would be read from, sorted (for fingerprints).
 
-    An image folder: every file under `train/`, `test/` and `unlabeled/`;
-    Fashion-MNIST: its four IDX files (in `data_dir`, else Debian's folder);
-    STL-10: the files in `data_dir` and its `stl10_binary/`. Empty for the
-    bundled digits and for data only tensorflow-datasets holds.
+    Each source decides: an image folder, every file under `train/`, `test/`
+    and `unlabeled/`; Fashion-MNIST, its four IDX files (in `data_dir`, else
+    Debian's folder); STL-10, the files in `data_dir` and its `stl10_binary/`.
+    Empty for the bundled digits and for data only tensorflow-datasets holds.
     """
-    if not data_dir and dataset != "fashion_mnist":
-        return []
-    if dataset == "folder":
-        root = Path(data_dir).expanduser()
-        return sorted(p for sub in ("train", "test", "unlabeled")
-                      for p in (root / sub).rglob("*") if p.is_file())
-    if dataset == "fashion_mnist":
-        from stl10_keras.sources import fashion_mnist
-
-        files = fashion_mnist.find_files(data_dir or fashion_mnist.DEBIAN_DIR)
-        return sorted(files.values()) if files else []
-    if dataset == "stl10":
-        root = Path(data_dir).expanduser()
-        return sorted(p for folder in (root, root / "stl10_binary") if folder.is_dir()
-                      for p in folder.iterdir() if p.is_file())
-    return []
+    return source_for(dataset).source_files(data_dir)
 
 
 def source_files_signature(dataset: str, data_dir: str | None) -> str | None:
@@ -242,94 +149,6 @@ def load_splits_for(config, seed: int | None = None) -> Splits:
                        config.train.seed if seed is None else seed, d.download,
                        labeled_per_class=d.labeled_per_class,
                        image_size=d.image_size, channels=d.channels)
-
-
-def finish_splits(name, class_names, x, y, x_test, y_test, unlabeled, num_unlabeled,
-                  source, val_per_class, seed) -> Splits:
-    """A `Splits` from a labeled set, split into train / validation by `seed`."""
-    train_idx, val_idx = stratified_split(y, val_per_class, seed)
-    return Splits(
-        name=name,
-        class_names=tuple(class_names),
-        image_shape=tuple(int(d) for d in x.shape[1:]),
-        x_train=x[train_idx],
-        y_train=y[train_idx].astype(np.int32),
-        x_val=x[val_idx],
-        y_val=y[val_idx].astype(np.int32),
-        x_test=x_test,
-        y_test=y_test.astype(np.int32),
-        unlabeled_batches=unlabeled,
-        num_unlabeled=num_unlabeled,
-        source=source,
-        val_indices=val_idx,
-    )
-
-
-# --- shared by the sources -------------------------------------------------
-
-def tfds_arrays(name: str, title: str, data_dir: str | None, download: bool,
-                host: str, missing: str, batch: int = 1024) -> dict[str, Any]:
-    """A tensorflow-datasets dataset's train and test splits as uint8/int32 arrays.
-
-    Args:
-        name: the tfds name (`stl10`, `fashion_mnist`).
-        title: the dataset's name in messages (`STL-10`).
-        data_dir: tfds' data dir (None: its default).
-        download: let tfds download and prepare it when it is not on disk.
-        host: the download's host, checked first (tfds retries for minutes).
-        missing: the sentence naming the fix when it is not on disk and cannot
-            be downloaded.
-        batch: images per read.
-
-    Returns:
-        `{"train": (images, labels), "test": (images, labels), "builder": ...}`.
-
-    Raises:
-        DataUnavailableError: not on disk and no download, or the download failed.
-    """
-    import logging
-
-    import tensorflow_datasets as tfds
-
-    # Looking for a prepared copy needs no TensorFlow; tfds logs "Variant folder
-    # DIR/NAME/VERSION has no dataset_info.json" (absl, WARNING) where there is
-    # none, which the DataUnavailableError below says better.
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(max(level, logging.ERROR))
-    try:
-        builder = tfds.builder(name, data_dir=data_dir)
-        prepared = builder.is_prepared()
-    finally:
-        absl_logger.setLevel(level)
-    if not prepared and (not download or not host_reachable(host)):
-        raise DataUnavailableError(missing)
-    runtime.tensorflow_available()  # loads it quietly, before tfds does
-    if not prepared:
-        try:
-            builder.download_and_prepare()
-        except Exception as e:  # network / disk errors from tfds
-            raise DataUnavailableError(
-                f"Downloading {title} failed ({type(e).__name__}). {missing}"
-            ) from None
-
-    def as_numpy(split: str) -> tuple[np.ndarray, np.ndarray]:
-        ds = builder.as_dataset(split=split, as_supervised=True).batch(batch)
-        xs, ys = zip(*tfds.as_numpy(ds))
-        return (np.concatenate(xs).astype(np.uint8),
-                np.concatenate(ys).astype(np.int32))
-
-    return {"train": as_numpy("train"), "test": as_numpy("test"), "builder": builder}
-
-
-def host_reachable(host: str, port: int = 80, timeout: float = 5.0) -> bool:
-    # tensorflow-datasets retries a failed download for minutes; a quick
-    # connection check lets an offline user get the clear message at once.
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 # --- tf.data --------------------------------------------------------------------

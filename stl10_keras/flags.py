@@ -112,7 +112,8 @@ def option(default: Any, help: str, flag: str | None = None, **argparse: Any) ->
 
     Args:
         default: the field's default (immutable: tuples, not lists).
-        help: what the field means; the flag's `--help` line.
+        help: what the field means; the flag's `--help` line (or a function
+            returning it, for text made from a registry).
         flag: the field's flag: `--name` (a boolean that is false by default:
             a switch that sets it), `--no-name` (a boolean that is true by
             default: a switch that clears it), or None (set from a config file

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
 
-from stl10_keras.config import ConfigError
+from stl10_keras.errors import ConfigError
 
 
 @contextlib.contextmanager

@@ -77,8 +77,9 @@ def test_every_flagged_field_has_one_flag_with_its_help_and_others_none():
         for f in dataclasses.fields(cls):
             flag = f.metadata.get("flag")
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+            text = f.metadata["help"]
             if flag:
-                assert actions[flag].help == f.metadata["help"]
+                assert actions[flag].help == (text() if callable(text) else text)
     flags = [f.metadata["flag"] for _, f, _ in flagged_fields()]
     assert len(flags) == len(set(flags))
 

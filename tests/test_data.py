@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from stl10_keras import data
-from stl10_keras.sources import stl10
+from stl10_keras.sources import base, stl10
 
 
 # --- split ----------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_stl10_through_tensorflow_datasets_mock(monkeypatch):
     import tensorflow_datasets as tfds
 
     # mock_data replaces tfds' download with a no-op; stand in for the network.
-    monkeypatch.setattr(data, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(base, "host_reachable", lambda *a, **k: True)
     with tfds.testing.mock_data(num_examples=80):
         s = data.load_splits("stl10", val_per_class=2, seed=0)
         first = next(s.unlabeled_batches(16))

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import ROOT, subprocess_env
 from stl10_keras import data
+from stl10_keras.sources import base
 from stl10_keras.sources import fashion_mnist as fm
 
 
@@ -135,7 +136,7 @@ def test_through_tensorflow_datasets_mock(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
     monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "absent")
-    monkeypatch.setattr(data, "host_reachable", lambda *a, **k: True)
+    monkeypatch.setattr(base, "host_reachable", lambda *a, **k: True)
     with tfds.testing.mock_data(num_examples=60):
         s = data.load_splits("fashion_mnist", seed=0, labeled_per_class=2)
     assert s.source == "tensorflow-datasets fashion_mnist"

@@ -14,12 +14,16 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stl10_keras import data as data_lib
-from stl10_keras.data import DataUnavailableError, Splits, finish_splits
+from stl10_keras.errors import DataUnavailableError
+from stl10_keras.sources.base import (
+    Source, Splits, array_batches, finish_splits, register, tfds_arrays)
+
+if TYPE_CHECKING:
+    from stl10_keras.config import DataConfig
 
 NAME = "fashion_mnist"
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
@@ -149,8 +153,8 @@ def load_arrays(data_dir: str | None, download: bool) -> tuple[tuple, str]:
 
 
 def _load_tfds(data_dir: str | None, download: bool) -> tuple:
-    arrays = data_lib.tfds_arrays(NAME, "Fashion-MNIST", data_dir, download,
-                                  TFDS_HOST, missing_message(data_dir), batch=4096)
+    arrays = tfds_arrays(NAME, "Fashion-MNIST", data_dir, download, TFDS_HOST,
+                         missing_message(data_dir), batch=4096)
     return (*arrays["train"], *arrays["test"])
 
 
@@ -173,6 +177,11 @@ def draw_labeled(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(chosen))
 
 
+def val_per_class_for(labeled_per_class: int | None) -> int:
+    """A fifth of the labeled images per class (STL-10's 100 of 500), at least 1."""
+    return max(1, (labeled_per_class or DEFAULT_LABELED_PER_CLASS) // 5)
+
+
 def load(data_dir: str | None, labeled_per_class: int | None,
          val_per_class: int | None, seed: int, download: bool) -> Splits:
     """Fashion-MNIST's splits under STL-10's protocol (see the module docstring).
@@ -189,16 +198,35 @@ def load(data_dir: str | None, labeled_per_class: int | None,
     labeled = draw_labeled(y, per_class, seed)
     rest = np.setdiff1d(np.arange(len(y)), labeled)
     x_unlabeled = x[rest]
-
-    def unlabeled_batches(batch_size: int) -> Iterator[np.ndarray]:
-        for i in range(0, len(x_unlabeled), batch_size):
-            yield x_unlabeled[i:i + batch_size]
-
     splits = finish_splits(
-        NAME, CLASS_NAMES, x[labeled], y[labeled], x_test, y_test, unlabeled_batches,
-        len(x_unlabeled), source,
-        val_per_class if val_per_class is not None else max(1, per_class // 5), seed,
+        NAME, CLASS_NAMES, x[labeled], y[labeled], x_test, y_test,
+        array_batches(x_unlabeled), len(x_unlabeled), source,
+        val_per_class if val_per_class is not None else val_per_class_for(per_class),
+        seed,
     )
     # Known to the experimenter only: FixMatch reports its pseudo-labels' accuracy.
     splits.unlabeled_labels = y[rest].astype(np.int32)
     return splits
+
+
+@register
+class FashionMNIST(Source):
+    """Fashion-MNIST under STL-10's protocol: N labeled images per class drawn by
+    the seed, the rest of its training images unlabeled."""
+
+    name = NAME
+    help = ("Zalando's Fashion-MNIST (its four IDX files in --data-dir or "
+            f"{DEBIAN_DIR}, else tensorflow-datasets)")
+    takes_labeled_per_class = True
+
+    def load(self, data: DataConfig, seed: int) -> Splits:
+        return load(data.data_dir, data.labeled_per_class, data.val_per_class, seed,
+                    data.download)
+
+    def source_files(self, data_dir: str | None) -> list[Path]:
+        # Without --data-dir, Debian's folder is read when it holds the files.
+        files = find_files(data_dir or DEBIAN_DIR)
+        return sorted(files.values()) if files else []
+
+    def default_val_per_class(self, labeled_per_class: int | None) -> int:
+        return val_per_class_for(labeled_per_class)

@@ -19,17 +19,24 @@ fix. Nothing is skipped but hidden files.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from stl10_keras.data import DataUnavailableError, Splits, finish_splits
+from stl10_keras.errors import ConfigError, DataUnavailableError
+from stl10_keras.sources.base import Source, Splits, finish_splits, register
 from stl10_keras.sources.images import decode_image, image_header, list_images
+
+if TYPE_CHECKING:
+    from stl10_keras.config import Config, DataConfig
 
 NAME = "folder"
 TEST_FRACTION = 5  # without test/: 1/5 of each class (at least 1) is the test split
 TEST_SEED = 1234  # fixed, like STL-10's fixed test split
 MIN_PER_CLASS = 2
+SPLITS = ("train", "test", "unlabeled")  # the sub-folders `load` reads
+NEEDS_DATA_DIR = ("--dataset folder needs --data-dir DIR, the folder holding "
+                  "train/CLASS/* (and optionally test/ and unlabeled/).")
 
 
 def class_folder_names(data_dir: str | None) -> tuple[str, ...]:
@@ -117,9 +124,7 @@ def load(data_dir: str | None, val_per_class: int | None, seed: int,
             message names it and the fix.
     """
     if not data_dir:
-        raise DataUnavailableError(
-            "--dataset folder needs --data-dir DIR, the folder holding "
-            "train/CLASS/* (and optionally test/ and unlabeled/).")
+        raise DataUnavailableError(NEEDS_DATA_DIR)
     root = Path(data_dir).expanduser()
     train_dir, test_dir, unlabeled_dir = (root / "train", root / "test",
                                           root / "unlabeled")
@@ -213,3 +218,36 @@ def _hold_out_test(files, labels, class_names, train_dir):
     keep = np.setdiff1d(np.arange(len(labels)), test)
     return ([files[i] for i in keep], labels[keep], [files[i] for i in test],
             labels[test])
+
+
+@register
+class ImageFolder(Source):
+    """Your own images: `DIR/train/CLASS/*`, optional `test/` and `unlabeled/`."""
+
+    name = NAME
+    help = "your images in --data-dir (train/CLASS/*, optional test/, unlabeled/)"
+
+    def load(self, data: DataConfig, seed: int) -> Splits:
+        return load(data.data_dir, data.val_per_class, seed, data.image_size,
+                    data.channels)
+
+    def source_files(self, data_dir: str | None) -> list[Path]:
+        if not data_dir:
+            return []
+        root = Path(data_dir).expanduser()
+        return sorted(p for sub in SPLITS for p in (root / sub).rglob("*")
+                      if p.is_file())
+
+    def default_val_per_class(self, labeled_per_class: int | None) -> None:
+        return None  # a fifth of the smallest class: only the files can say
+
+    def check_flags(self, config: Config, data_dir_given: bool) -> None:
+        if not config.data.data_dir:
+            raise ConfigError(NEEDS_DATA_DIR)
+
+    def configure(self, config: Config) -> None:
+        # The model's outputs are the folder's classes; fewer than 2 (or no
+        # train/) is left to the data loader, which names the fix.
+        names = class_folder_names(config.data.data_dir)
+        if len(names) >= 2:
+            config.model.num_classes = len(names)

@@ -14,7 +14,8 @@ from typing import Iterator
 
 import numpy as np
 
-from stl10_keras.data import DataUnavailableError, Splits
+from stl10_keras.errors import DataUnavailableError
+from stl10_keras.sources.base import Splits
 
 # The formats `keras.utils.image_dataset_from_directory` reads, plus WebP.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")

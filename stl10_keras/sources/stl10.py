@@ -12,12 +12,18 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from stl10_keras import data as data_lib
-from stl10_keras.data import DataUnavailableError, Splits, finish_splits
+from stl10_keras.errors import DataUnavailableError
+from stl10_keras.sources.base import (
+    Source, Splits, finish_splits, register, tfds_arrays)
+
+if TYPE_CHECKING:
+    from stl10_keras.config import DataConfig
+
+NAME = "stl10"
 
 CLASS_NAMES = (
     "airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck",
@@ -26,6 +32,7 @@ SHAPE = (96, 96, 3)
 URL_HOST = "ai.stanford.edu"
 ARCHIVE = "stl10_binary.tar.gz"
 FILES = ("train_X.bin", "train_y.bin", "test_X.bin", "test_y.bin")
+VAL_PER_CLASS = 100  # of each class's 500: 4,000 train / 1,000 validation, as the lab
 
 
 def load(data_dir: str | None, val_per_class: int, seed: int,
@@ -158,8 +165,9 @@ def _load_stl10_binary(folder: Path, val_per_class: int, seed: int) -> Splits:
         for i in range(0, len(mm), batch_size):
             yield np.ascontiguousarray(mm[i:i + batch_size].transpose(0, 3, 2, 1))
 
-    return finish_splits("stl10", class_names, x, y, x_test, y_test, unlabeled_batches,
-                   num_unlabeled, f"stl10_binary folder {folder}", val_per_class, seed)
+    return finish_splits(NAME, class_names, x, y, x_test, y_test, unlabeled_batches,
+                         num_unlabeled, f"stl10_binary folder {folder}",
+                         val_per_class, seed)
 
 
 # --- STL-10 through tensorflow-datasets ----------------------------------------
@@ -177,8 +185,8 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
                      download: bool) -> Splits:
     import tensorflow_datasets as tfds
 
-    arrays = data_lib.tfds_arrays("stl10", "STL-10", data_dir, download, URL_HOST,
-                                  offline_message(data_dir))
+    arrays = tfds_arrays(NAME, "STL-10", data_dir, download, URL_HOST,
+                         offline_message(data_dir))
     (x, y), (x_test, y_test) = arrays["train"], arrays["test"]
     builder = arrays["builder"]
     splits_info = builder.info.splits
@@ -190,6 +198,30 @@ def _load_stl10_tfds(data_dir: str | None, val_per_class: int, seed: int,
         for images, _ in tfds.as_numpy(ds.batch(batch_size)):
             yield images.astype(np.uint8)
 
-    return finish_splits("stl10", CLASS_NAMES, x, y, x_test, y_test,
-                   unlabeled_batches, num_unlabeled or None, "tensorflow-datasets stl10",
-                   val_per_class, seed)
+    return finish_splits(NAME, CLASS_NAMES, x, y, x_test, y_test,
+                         unlabeled_batches, num_unlabeled or None,
+                         "tensorflow-datasets stl10", val_per_class, seed)
+
+
+@register
+class STL10(Source):
+    """STL-10, the lab's dataset: 500 labeled images per class, 100,000 unlabeled."""
+
+    name = NAME
+    help = ("the lab's STL-10 (stl10_binary/ or its tarball in --data-dir, else "
+            "tensorflow-datasets)")
+    lab_reference = True
+
+    def load(self, data: DataConfig, seed: int) -> Splits:
+        return load(data.data_dir, data.val_per_class, seed, data.download)
+
+    def source_files(self, data_dir: str | None) -> list[Path]:
+        # Without --data-dir only tensorflow-datasets holds it: no files of the user's.
+        if not data_dir:
+            return []
+        root = Path(data_dir).expanduser()
+        return sorted(p for folder in (root, root / "stl10_binary") if folder.is_dir()
+                      for p in folder.iterdir() if p.is_file())
+
+    def default_val_per_class(self, labeled_per_class: int | None) -> int:
+        return VAL_PER_CLASS
