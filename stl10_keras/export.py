@@ -26,7 +26,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from stl10_keras import runtime
+from stl10_keras import errors, flags, runtime
 from stl10_keras.errors import ConfigError, ExportError
 from stl10_keras.io_utils import check_output_dir, crash_point, read_json
 
@@ -300,7 +300,7 @@ def export_from_any_backend(model, model_path: str | os.PathLike,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.export",
         description="Export a finished run's model.keras again, as the next version "
                     "of a TF Serving model base path, with the signatures and class "
@@ -380,12 +380,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise ExportError(f"{model_path} cannot be exported ({e}); retrain the "
                               "run with --overwrite.") from None
-    except (ConfigError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    except errors.UserError as e:
+        return errors.report(e)
     except KeyboardInterrupt:
         print("\nInterrupted; no partial version was left behind.", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED
     print(f"SavedModel: {path}")
     print("next:")
     print(f"  python -m stl10_keras.serve --model-base-path {base}")
