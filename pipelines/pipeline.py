@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -34,7 +33,7 @@ from pipelines import components as c
 from stl10_keras.config import Config, ConfigError
 from stl10_keras.data import default_val_per_class, source_files_signature
 from stl10_keras.errors import UserError, one_line
-from stl10_keras.io_utils import atomic_write_json
+from stl10_keras.io_utils import atomic_write_json, replace_directory
 
 #: Test hook, not a user setting: `STL10_PIPELINE_FAIL=Trainer` makes the runner
 #: fail that component after its payload is written and before its artifact is
@@ -241,13 +240,10 @@ def _one_sentence(error: BaseException) -> str:
 
 
 def _commit(partial: Path, final: Path, metadata: dict[str, Any]) -> None:
-    """metadata.json last, then the folder renamed into place."""
+    """metadata.json last, then the folder renamed into place (replacing an
+    incomplete or stale folder under the same name)."""
     atomic_write_json(partial / c.METADATA_FILE, metadata)
-    if final.exists():  # an incomplete or stale folder under the same name
-        stale = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(partial, final)
+    replace_directory(partial, final)
 
 
 def _run_node(pipeline: Pipeline, node: Node,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import zipfile
 from pathlib import Path
@@ -28,7 +27,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from stl10_keras import errors, flags, runtime
 from stl10_keras.errors import ConfigError, ExportError
-from stl10_keras.io_utils import check_output_dir, crash_point, read_json
+from stl10_keras.io_utils import (atomic_directory, check_output_dir, crash_point,
+                                  read_json)
 
 if TYPE_CHECKING:
     import keras
@@ -209,18 +209,14 @@ def export_saved_model(
     )
     # One temporary folder name per version: what an export killed before its
     # rename left behind is removed by the next export of that version (the
-    # rerun of the run, or the next export, which picks the same number).
-    tmp = temporary_dir(base, version)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # rerun of the run, or the next export, which picks the same number). A
+    # version is never replaced: TF Serving may be serving it.
+    with atomic_directory(final, temporary_dir(base, version), replace=False) as tmp:
         archive.write_out(str(tmp), verbose=False)
         (tmp / CLASS_NAMES_FILE).parent.mkdir()
         (tmp / CLASS_NAMES_FILE).write_text(
             "".join(f"{n}\n" for n in class_names), encoding="utf-8")
         crash_point("export")
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
