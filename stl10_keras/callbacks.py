@@ -21,6 +21,7 @@ import json
 import os
 import time
 
+from stl10_keras.errors import TrainingError
 from stl10_keras.io_utils import atomic_copy, atomic_output, atomic_write_text
 
 
@@ -91,8 +92,6 @@ class EpochRandomState:
                 import numpy as np
 
                 if epoch != outer._next_epoch:
-                    from stl10_keras.train import TrainingError
-
                     raise TrainingError(
                         f"keras started epoch {epoch + 1} where the training data "
                         f"holds epoch {outer._next_epoch + 1}; rerun with --overwrite."
