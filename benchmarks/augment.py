@@ -26,7 +26,6 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from stl10_keras import flags  # noqa: E402
 from _common import cpu_name  # noqa: E402
 
 SIZE = 96
@@ -220,16 +220,17 @@ REFERENCE = "c built-in chain, tf.data"
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, default=6, help="timed batches/round")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed batches")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds; best kept")
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=flags.number(int, 1), default=6,
+                        help="timed batches/round")
+    parser.add_argument("--warmup", type=flags.number(int, 0), default=2,
+                        help="untimed batches")
+    parser.add_argument("--repeats", type=flags.number(int, 1), default=2,
+                        help="rounds; best kept")
     parser.add_argument(
         "--batch-sizes", default="32,256", help="comma-separated batch sizes"
     )
     args = parser.parse_args(argv)
-    if args.batches < 1 or args.warmup < 0 or args.repeats < 1:
-        parser.error("--batches and --repeats must be >= 1 and --warmup >= 0.")
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     except ValueError:

@@ -13,7 +13,6 @@ compiling one. Run it once per backend and compare:
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
+from stl10_keras import flags  # noqa: E402
 from _common import cpu_name  # noqa: E402
 
 
@@ -33,9 +33,9 @@ def _ints(text: str) -> list[int]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=4000)
-    p.add_argument("--batch-size", type=int, default=32)
+    p = flags.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--images", type=flags.number(int, 1), default=4000)
+    p.add_argument("--batch-size", type=flags.number(int, 1), default=32)
     p.add_argument("--epochs", type=int, default=3,
                    help="epochs per setting; the first (compiling) is not counted")
     p.add_argument("--jit", default="off",
@@ -52,8 +52,8 @@ def main() -> None:
                 "commas, e.g. 1,16.")
     if not set(args.jit.split(",")) <= {"off", "on"}:
         p.error("--jit takes off and/or on.")
-    if min(args.images, args.batch_size, *widths, *spes) < 1 or args.epochs < 2:
-        p.error("sizes must be >= 1 and --epochs >= 2.")
+    if min(*widths, *spes) < 1 or args.epochs < 2:
+        p.error("--widths and --steps-per-execution must be >= 1 and --epochs >= 2.")
 
     from stl10_keras.data import make_batches
     from stl10_keras.runtime import tensorflow_available

@@ -18,7 +18,6 @@ resident memory before and at its peak during `kmeans_init` (sampled every
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import os
 import resource
@@ -29,6 +28,7 @@ import time
 # flags are parsed, so a bad flag is refused in a fraction of a second.
 import numpy as np
 
+from stl10_keras import flags
 from stl10_keras.config import preset
 from _common import cpu_name
 
@@ -104,16 +104,14 @@ def _timed_fit(algo: str, z: np.ndarray, k: int, kconfig, seed: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=10000)
-    parser.add_argument("--patches-per-image", type=int, default=20)
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=flags.number(int, 1), default=10000)
+    parser.add_argument("--patches-per-image", type=flags.number(int, 1), default=20)
     parser.add_argument("--no-full-kmeans", action="store_true",
                         help="skip the full KMeans comparison")
     parser.add_argument("--out", default=None,
                         help="folder for the centroid/filter figures")
     args = parser.parse_args()
-    if args.images < 1 or args.patches_per_image < 1:
-        parser.error("--images and --patches-per-image must be >= 1.")
 
     import keras
 

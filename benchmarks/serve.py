@@ -31,7 +31,6 @@ import argparse
 import datetime
 import http.client
 import json
-import math
 import os
 import select
 import signal
@@ -45,6 +44,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from stl10_keras import flags
 from _common import cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,15 +54,17 @@ FRONT_ENDS = ("in-process", "REST", "gRPC")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = flags.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=("default", "smoke"), default="default",
                         help="the exported model's widths (default: the lab's)")
     parser.add_argument("--model-base-path", default=None,
                         help="benchmark this export instead of a fresh one")
     parser.add_argument("--clients", default="1,4,16",
                         help="concurrent clients per row, comma-separated")
-    parser.add_argument("--threads", type=int, default=8, help="server threads")
-    parser.add_argument("--seconds", type=float, default=10.0, help="per row")
+    parser.add_argument("--threads", type=flags.number(int, 1), default=8,
+                        help="server threads")
+    parser.add_argument("--seconds", type=flags.positive(float), default=10.0,
+                        help="per row")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--signatures", default="default",
                         help="default (uint8 images) and/or bytes (PNG)")
@@ -76,13 +79,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "--clients too, e.g. 1,4,16.")
     args.signatures = args.signatures.split(",")
     args.front_ends = args.front_ends.split(",")
-    if (args.threads < 1 or not 0 < args.seconds < math.inf
-            or min(args.batches) < 1 or min(args.clients) < 1
+    if (min(args.batches) < 1 or min(args.clients) < 1
             or not set(args.signatures) <= {"default", "bytes"}
             or not set(args.front_ends) <= set(FRONT_ENDS)):
-        parser.error("--clients, --threads, --seconds and --batches must be positive; "
-                     "--signatures takes default and/or bytes; --front-ends takes "
-                     "in-process, REST and/or gRPC.")
+        parser.error("--clients and --batches must be positive; --signatures takes "
+                     "default and/or bytes; --front-ends takes in-process, REST "
+                     "and/or gRPC.")
     return args
 
 

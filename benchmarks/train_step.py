@@ -11,7 +11,6 @@ median round and the ratio.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # flags are parsed, so a bad flag is refused in a fraction of a second.
 import numpy as np  # noqa: E402
 
+from stl10_keras import flags  # noqa: E402
 from stl10_keras.config import preset  # noqa: E402
 from _common import cpu_name  # noqa: E402
 
@@ -58,11 +58,11 @@ def time_steps(model, x, y, steps: int) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--image-size", type=int, default=96)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--rounds", type=int, default=3)
+    p = flags.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--image-size", type=flags.number(int, 1), default=96)
+    p.add_argument("--batch-size", type=flags.number(int, 1), default=32)
+    p.add_argument("--steps", type=flags.number(int, 1), default=20)
+    p.add_argument("--rounds", type=flags.number(int, 1), default=3)
     p.add_argument("--widths", default="64,128,256,512,512")
     p.add_argument("--jit", default="off,on",
                    help="comma-separated XLA settings to compare: off, on, auto")
@@ -73,9 +73,8 @@ def main() -> None:
         p.error("--widths takes integers separated by commas, e.g. 64,128,256,512,512.")
     if not set(args.jit.split(",")) <= {"off", "on", "auto"}:
         p.error("--jit takes off, on and/or auto, e.g. off,on.")
-    if min(args.image_size, args.batch_size, args.steps, args.rounds, *widths) < 1:
-        p.error("--image-size, --batch-size, --steps, --rounds and --widths must be "
-                ">= 1.")
+    if min(widths) < 1:
+        p.error("--widths must be >= 1, e.g. 64,128,256,512,512.")
 
     import keras
 

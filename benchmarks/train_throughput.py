@@ -62,6 +62,7 @@ for _path in (str(_HERE.parent), str(_HERE)):
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from stl10_keras import flags  # noqa: E402
 from stl10_keras import model as model_lib  # noqa: E402
 from stl10_keras.augment import random_affine_from_config  # noqa: E402
 from stl10_keras.config import Config, preset  # noqa: E402
@@ -632,21 +633,26 @@ def _load() -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = flags.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch-sizes", help="comma-separated (default 32,256)")
     p.add_argument("--precisions", default=",".join(PRECISIONS),
                    help="comma-separated: float32, mixed_bfloat16")
     p.add_argument("--augment", default="on,off",
                    help="on (full step), off (plain model), fixmatch (the FixMatch "
                         "step, Keras only), comma-separated (default on,off)")
-    p.add_argument("--fixmatch-ratio", type=int, default=7,
-                   help="fixmatch rows: unlabeled images per labeled one (mu)")
-    p.add_argument("--steps", type=int, help="timed steps per round (default 20)")
-    p.add_argument("--warmup", type=int, help="untimed steps first (default 3)")
-    p.add_argument("--rounds", type=int, help="timed rounds; median kept (default 3)")
+    p.add_argument("--fixmatch-ratio", type=flags.number(int, 1), default=7,
+                   help="fixmatch rows: unlabeled images per labeled one (mu; "
+                        "FixMatch's is 7)")
+    p.add_argument("--steps", type=flags.number(int, 1),
+                   help="timed steps per round (default 20)")
+    p.add_argument("--warmup", type=flags.number(int, 0),
+                   help="untimed steps first (default 3)")
+    p.add_argument("--rounds", type=flags.number(int, 1),
+                   help="timed rounds; median kept (default 3)")
     p.add_argument("--widths", help="filters per stage (default 64,128,256,512,512)")
-    p.add_argument("--image-size", type=int, help="image side (default 96)")
-    p.add_argument("--steps-per-execution", type=int, default=1,
+    p.add_argument("--image-size", type=flags.number(int, 1),
+                   help="image side (default 96)")
+    p.add_argument("--steps-per-execution", type=flags.number(int, 1), default=1,
                    help="keras compile(steps_per_execution=...); the app uses 1")
     p.add_argument("--torch-modes", default=",".join(TORCH_MODES),
                    help="PyTorch rows: eager, compile, or both")
@@ -670,8 +676,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.batch_list = [int(v) for v in args.batch_sizes.split(",")]
     except ValueError:
         p.error("--widths and --batch-sizes take integers separated by commas.")
-    if min(args.widths_tuple + tuple(args.batch_list)) < 1 or args.image_size < 1:
-        p.error("--widths, --batch-sizes and --image-size must be >= 1.")
+    if min(args.widths_tuple + tuple(args.batch_list)) < 1:
+        p.error("--widths and --batch-sizes must be >= 1.")
     # --trace profiles a Keras step of its own, whatever --no-keras says.
     if args.no_keras and (args.no_torch or not args.torch_modes) and not args.trace:
         p.error("--no-keras with --no-torch leaves nothing to time; drop one of them.")
@@ -683,13 +689,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--precisions takes {', '.join(PRECISIONS)}.")
     if None in args.augment_list:
         p.error("--augment takes on, off, fixmatch or a comma-separated list.")
-    if args.fixmatch_ratio < 1:
-        p.error("--fixmatch-ratio must be >= 1, e.g. FixMatch's 7.")
     if any(m not in TORCH_MODES for m in args.torch_mode_list):
         p.error("--torch-modes takes eager, compile or eager,compile.")
-    if min(args.steps, args.rounds, args.steps_per_execution) < 1 or args.warmup < 0:
-        p.error("--steps, --rounds and --steps-per-execution must be >= 1, "
-                "--warmup >= 0.")
     return args
 
 

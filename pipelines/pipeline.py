@@ -25,7 +25,6 @@ import os
 import shutil
 import time
 import traceback
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +32,8 @@ from typing import Any, Callable
 from pipelines import components as c
 from stl10_keras.config import Config, ConfigError
 from stl10_keras.data import default_val_per_class, source_files_signature
-from stl10_keras.io_utils import atomic_write_json
+from stl10_keras.errors import UserError, one_line
+from stl10_keras.io_utils import atomic_write_json, replace_directory
 
 #: Test hook, not a user setting: `STL10_PIPELINE_FAIL=Trainer` makes the runner
 #: fail that component after its payload is written and before its artifact is
@@ -227,29 +227,23 @@ def _summary_line(name: str, properties: dict[str, Any]) -> str:
 
 
 def _one_sentence(error: BaseException) -> str:
-    from stl10_keras.data import DataUnavailableError
-    from stl10_keras.train import TrainingError
-
-    known = (ConfigError, DataUnavailableError, TrainingError, InjectedFailure)
-    if isinstance(error, known):
+    """A component's failure in one line: a user's error (its sentence names the
+    fix) as it is, anything else by its type and informative line."""
+    if isinstance(error, (UserError, InjectedFailure)):
         return str(error)
     if isinstance(error, KeyboardInterrupt):
         return "Interrupted; run the same command again to resume."
-    text = " ".join(str(error).split())
-    if len(text) > 200:
-        text = text[:197] + "..."
-    return (f"{type(error).__name__}: {text} (the traceback is in {RUN_SUMMARY})"
-            if text else f"{type(error).__name__} (the traceback is in {RUN_SUMMARY})")
+    where = f"(the traceback is in {RUN_SUMMARY})"
+    if not str(error).strip():
+        return f"{type(error).__name__} {where}"
+    return f"{type(error).__name__}: {one_line(error, limit=200)} {where}"
 
 
 def _commit(partial: Path, final: Path, metadata: dict[str, Any]) -> None:
-    """metadata.json last, then the folder renamed into place."""
+    """metadata.json last, then the folder renamed into place (replacing an
+    incomplete or stale folder under the same name)."""
     atomic_write_json(partial / c.METADATA_FILE, metadata)
-    if final.exists():  # an incomplete or stale folder under the same name
-        stale = final.with_name(f".stale-{final.name}-{uuid.uuid4().hex[:8]}")
-        os.replace(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(partial, final)
+    replace_directory(partial, final)
 
 
 def _run_node(pipeline: Pipeline, node: Node,

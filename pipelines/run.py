@@ -17,8 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from stl10_keras import runtime
-from stl10_keras.config import ConfigError
+from stl10_keras import errors, flags, runtime
 from stl10_keras.io_utils import check_output_dir
 from stl10_keras.cli import (
     add_config_arguments,
@@ -30,7 +29,7 @@ from stl10_keras.cli import (
 def build_parser() -> argparse.ArgumentParser:
     from pipelines.pipeline import DEFAULT_ACCURACY_THRESHOLD, DEFAULT_NUM_SHARDS
 
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m pipelines.run",
         description="ExampleGen -> Transform -> Trainer -> Evaluator -> Pusher: "
                     "train the lab's CNN, evaluate it against the served model and "
@@ -60,8 +59,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     runtime.start()
     args = build_parser().parse_args(argv)
-    from stl10_keras.data import DataUnavailableError
-
     try:
         config = config_from_args(args)
         name = default_run_name(config)
@@ -84,9 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"serving dir {pipeline.serving_dir}", flush=True)
         runtime.tensorflow_available()  # loads it quietly, before the components do
         result = run_pipeline(pipeline)
-    except (ConfigError, DataUnavailableError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    except errors.UserError as e:
+        return errors.report(e)
     except OSError as e:  # the pipeline root itself cannot be written
         print(f"error: cannot write {e.filename or 'the pipeline root'} "
               f"({e.strerror or e}); pass another --pipeline-root.", file=sys.stderr)
@@ -94,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\nInterrupted. Run the same command again to resume at the "
               "unfinished component.", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED
     summary = pipeline.root / "pipeline_run.json"
     if result["status"] == "failed":
         failed = result["failed_component"]

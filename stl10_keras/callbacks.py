@@ -22,6 +22,7 @@ import os
 import time
 
 from stl10_keras.errors import TrainingError
+from stl10_keras.io_utils import atomic_copy, atomic_output, atomic_write_text
 
 
 class Throughput:
@@ -126,16 +127,12 @@ def backup_and_restore(backup_dir: str | os.PathLike):
                                    (self._training_metadata_path,
                                     self._prev_training_metadata_path)):
                 if self.double_checkpoint and os.path.exists(path):
-                    _copy_atomically(path, previous)
-            partial = self._weights_path.replace(".weights.h5", ".partial.weights.h5")
-            self.model.save_weights(partial, overwrite=True)
-            record = json.dumps({"epoch": self._current_epoch,
-                                 "batch": self._last_batch_seen})
-            with open(self._training_metadata_path + ".partial", "w") as f:
-                f.write(record)
-            os.replace(partial, self._weights_path)
-            os.replace(self._training_metadata_path + ".partial",
-                       self._training_metadata_path)
+                    atomic_copy(path, previous)
+            # keras infers the format from the name: the temp file ends alike.
+            with atomic_output(self._weights_path, suffix=".weights.h5") as tmp:
+                self.model.save_weights(tmp, overwrite=True)
+            atomic_write_text(self._training_metadata_path, json.dumps(
+                {"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
         def _load_model(self):
             try:
@@ -145,14 +142,6 @@ def backup_and_restore(backup_dir: str | os.PathLike):
 
     return AtomicBackupAndRestore(str(backup_dir), double_checkpoint=True,
                                   delete_checkpoint=False)
-
-
-def _copy_atomically(source: str, target: str) -> None:
-    with open(source, "rb") as f:
-        data = f.read()
-    with open(target + ".partial", "wb") as f:
-        f.write(data)
-    os.replace(target + ".partial", target)
 
 
 def restore_backup(backup, training_model) -> int:

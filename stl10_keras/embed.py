@@ -34,7 +34,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from stl10_keras import runtime
+from stl10_keras import errors, flags, runtime
 from stl10_keras.config import Config, ConfigError
 from stl10_keras.io_utils import atomic_write_json
 from stl10_keras.projector import PROJECTOR_DIR, EmbedError, write_projector
@@ -526,7 +526,7 @@ def _write_figures(run_dir: Path, maps: dict, rows: list[dict], labels,
 # --- command line ---------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.embed",
         description="t-SNE and kNN class separation of raw pixels, every stage and "
                     "fc1 of a trained run, and a TensorBoard projector of them.",
@@ -563,13 +563,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = embed(args.run_dir, args.split, args.layers, args.max_points,
                        args.pool, args.perplexity, args.seed, not args.no_tsne,
                        args.max_dims, args.batch_size, args.threads)
-    except EmbedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except errors.UserError as e:
+        return errors.report(e)
     except KeyboardInterrupt:
         print("\nInterrupted; nothing half-written was left behind. Rerun the "
               "command.", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED
     print(_summary_markdown(result))
     run_dir = Path(args.run_dir)
     print(f"\nwrote {run_dir / 'embed.json'}, {run_dir / 'logs' / PROJECTOR_DIR}/, "

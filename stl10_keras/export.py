@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from stl10_keras import runtime
+from stl10_keras import errors, flags, runtime
 from stl10_keras.errors import ConfigError, ExportError
-from stl10_keras.io_utils import check_output_dir, crash_point, read_json
+from stl10_keras.io_utils import (atomic_directory, check_output_dir, crash_point,
+                                  read_json)
 
 if TYPE_CHECKING:
     import keras
@@ -209,18 +209,14 @@ def export_saved_model(
     )
     # One temporary folder name per version: what an export killed before its
     # rename left behind is removed by the next export of that version (the
-    # rerun of the run, or the next export, which picks the same number).
-    tmp = temporary_dir(base, version)
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # rerun of the run, or the next export, which picks the same number). A
+    # version is never replaced: TF Serving may be serving it.
+    with atomic_directory(final, temporary_dir(base, version), replace=False) as tmp:
         archive.write_out(str(tmp), verbose=False)
         (tmp / CLASS_NAMES_FILE).parent.mkdir()
         (tmp / CLASS_NAMES_FILE).write_text(
             "".join(f"{n}\n" for n in class_names), encoding="utf-8")
         crash_point("export")
-        os.replace(tmp, final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return final
 
 
@@ -300,7 +296,7 @@ def export_from_any_backend(model, model_path: str | os.PathLike,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.export",
         description="Export a finished run's model.keras again, as the next version "
                     "of a TF Serving model base path, with the signatures and class "
@@ -380,12 +376,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError, zipfile.BadZipFile) as e:
             raise ExportError(f"{model_path} cannot be exported ({e}); retrain the "
                               "run with --overwrite.") from None
-    except (ConfigError, ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, ConfigError) else 1
+    except errors.UserError as e:
+        return errors.report(e)
     except KeyboardInterrupt:
         print("\nInterrupted; no partial version was left behind.", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED
     print(f"SavedModel: {path}")
     print("next:")
     print(f"  python -m stl10_keras.serve --model-base-path {base}")

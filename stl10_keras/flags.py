@@ -24,7 +24,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error: `PROG: error: MESSAGE (see --help)`, exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+        # A sentence's full stop would sit before the "(see --help)".
+        self.exit(EXIT_USAGE,
+                  f"{self.prog}: error: {message.rstrip('.')} (see --help)\n")
 
 
 def number(kind: type = float, low: float | None = None, high: float | None = None,

@@ -21,61 +21,37 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from stl10_keras import runtime
+from stl10_keras import errors, flags, runtime
 
 if TYPE_CHECKING:
     from stl10_keras.gradient_checks import BnBackward, CheckResult, DagBackward
 
-# The names of --inject-bug's wrong backward passes (INJECTABLE_BUGS below).
+# The names of --inject-bug's wrong backward passes (`gradient_checks.
+# INJECTABLE_BUGS`), here so that the flags are checked before keras loads.
 BUG_NAMES = ("drop-dvar-term", "mask-ignored", "ties-to-x1")
-
-
-def _int_at_least(minimum: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected an integer, got {text!r}"
-            ) from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0.0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of `python -m stl10_keras.gradcheck`."""
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.gradcheck",
         description="Check the lab's hand-derived gradients (module DAG, batch "
         "norm, masked batch norm) against autodiff and central finite "
         "differences in float64.",
     )
-    parser.add_argument("--seed", type=_int_at_least(0), default=0,
+    parser.add_argument("--seed", type=flags.number(int, 0), default=0,
                         help="input seed (default 0)")
-    parser.add_argument("--batch", type=_int_at_least(2), default=8,
+    parser.add_argument("--batch", type=flags.number(int, 2), default=8,
                         help="batch size m, at least 2; a batch of one (variance "
                         "0) is an edge case checked separately (default 8)")
-    parser.add_argument("--channels", type=_int_at_least(1), default=3,
+    parser.add_argument("--channels", type=flags.number(int, 1), default=3,
                         help="channels (default 3)")
-    parser.add_argument("--height", type=_int_at_least(0), default=4,
+    parser.add_argument("--height", type=flags.number(int, 0), default=4,
                         help="height of the conv-shaped (N, H, W, C) input; "
                         "0 with --width 0 skips it (default 4)")
-    parser.add_argument("--width", type=_int_at_least(0), default=4,
+    parser.add_argument("--width", type=flags.number(int, 0), default=4,
                         help="width of the conv-shaped input (default 4)")
-    parser.add_argument("--tolerance", type=_positive_float, default=1e-6,
+    parser.add_argument("--tolerance", type=flags.positive(float), default=1e-6,
                         help="largest relative error of a float64 gradient "
                         "check (default 1e-6)")
     parser.add_argument("--inject-bug", choices=BUG_NAMES,
@@ -130,11 +106,25 @@ def main(
             masked checks.
 
     Returns:
-        0 when every check passes, 1 otherwise (argparse exits with 2 on a bad
-        flag).
+        0 when every check passes, 1 otherwise, 2 when the backend cannot run
+        them (argparse exits with 2 on a bad flag), 130 on Ctrl-C.
     """
     runtime.start()
     args = parse_args(argv)  # before keras loads: a bad flag answers at once
+    overrides = {"bn": bn_backward, "dag": dag_backward,
+                 "masked_bn": masked_bn_backward}
+    try:
+        return _check_and_report(args, overrides)
+    except errors.UserError as error:
+        return errors.report(error)
+    except KeyboardInterrupt:
+        print("Interrupted.", file=sys.stderr)
+        return errors.EXIT_INTERRUPTED
+
+
+def _check_and_report(args: argparse.Namespace,
+                      overrides: dict[str, Callable | None]) -> int:
+    """Run the checks with `overrides` (or `--inject-bug`); print the table."""
     from stl10_keras import gradient_checks as gc  # loads keras quietly
 
     import keras
@@ -142,23 +132,16 @@ def main(
 
     from stl10_keras import backprop
 
-    overrides = {"bn": bn_backward, "dag": dag_backward,
-                 "masked_bn": masked_bn_backward}
     if args.inject_bug:
         kind, wrong = gc.INJECTABLE_BUGS[args.inject_bug]
-        overrides[kind] = wrong
-    try:
-        results = gc.run_checks(
-            seed=args.seed, batch=args.batch, channels=args.channels,
-            height=args.height, width=args.width, tolerance=args.tolerance,
-            bn_backward=overrides["bn"] or backprop.batch_norm_backward,
-            dag_backward=overrides["dag"] or backprop.dag_backward,
-            masked_bn_backward=(overrides["masked_bn"]
-                                or backprop.batch_norm_backward),
-        )
-    except RuntimeError as error:
-        print(f"gradcheck: {error}", file=sys.stderr)
-        return 2
+        overrides = {**overrides, kind: wrong}
+    results = gc.run_checks(
+        seed=args.seed, batch=args.batch, channels=args.channels,
+        height=args.height, width=args.width, tolerance=args.tolerance,
+        bn_backward=overrides["bn"] or backprop.batch_norm_backward,
+        dag_backward=overrides["dag"] or backprop.dag_backward,
+        masked_bn_backward=overrides["masked_bn"] or backprop.batch_norm_backward,
+    )
 
     conv = f", conv x ({args.batch}, {args.height}, {args.width}, {args.channels})"
     print("Backprop by hand: analytic gradients vs independent references")

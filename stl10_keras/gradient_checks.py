@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from stl10_keras.errors import ConfigError
 from stl10_keras.io_utils import filtered_startup_logs
 
 with filtered_startup_logs():  # the backend's native start-up logs
@@ -64,7 +65,6 @@ from stl10_keras.backprop import (
     batch_norm_train,
     dag_forward,
 )
-from stl10_keras.gradcheck import BUG_NAMES
 from stl10_keras.layers import ManualBatchNorm
 
 EPSILON = 1e-3  # ManualBatchNorm's default.
@@ -169,7 +169,7 @@ def autodiff(loss_fn: Callable, inputs: Sequence[np.ndarray]) -> list[np.ndarray
             torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads)
         ]
     else:
-        raise RuntimeError(
+        raise ConfigError(
             f"gradcheck needs a backend with autodiff, not {backend!r}: set "
             "KERAS_BACKEND to tensorflow, jax or torch."
         )
@@ -289,12 +289,13 @@ def _dag_ties_to_x1(dy, x1, x2):
     )
 
 
+#: `--inject-bug NAME` -> (the backward pass it replaces, the wrong one); the
+#: command lists the names as `gradcheck.BUG_NAMES`, before keras loads.
 INJECTABLE_BUGS: dict[str, tuple[str, Callable]] = {
     "drop-dvar-term": ("bn", _bn_drop_dvar_term),
     "mask-ignored": ("masked_bn", _bn_mask_ignored),
     "ties-to-x1": ("dag", _dag_ties_to_x1),
 }
-assert tuple(sorted(INJECTABLE_BUGS)) == BUG_NAMES  # the command's --inject-bug choices
 
 
 # --- The checks -------------------------------------------------------------

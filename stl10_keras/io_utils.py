@@ -1,6 +1,7 @@
-"""Small file helpers: atomic writes, so an interrupted run never leaves half a file;
-the check of a folder a command will write, made before any work; and a quiet
-TensorFlow import, so a command's output starts with its own lines."""
+"""Small file helpers: atomic writes (of a file, a copy, a folder), so an interrupted
+run never leaves half of one; the check of a folder a command will write, made
+before any work; and a quiet TensorFlow import, so a command's output starts with
+its own lines."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import importlib
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
+import uuid
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterator
@@ -58,6 +61,62 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, data: Any) -> None:
     """Write `data` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Copy the file `source` to `target` atomically (temp file, then rename)."""
+    with atomic_output(target) as tmp:
+        shutil.copyfile(source, tmp)
+
+
+def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the folder `source` onto `target`, replacing a folder already there.
+
+    A folder cannot be renamed onto a non-empty one, so an existing `target` is
+    first renamed aside (a hidden name beside it) and removed afterwards: a
+    reader sees the old folder or the new one (for an instant neither), never
+    a mix of the two.
+    """
+    target = Path(target)
+    old = None
+    if os.path.lexists(target):
+        old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+    os.replace(source, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, temp: str | os.PathLike | None = None,
+                     replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temp folder beside `path`; on success rename it onto `path`.
+
+    A reader (TensorBoard, TF Serving, a resumed run) sees the old folder or the
+    new one, never a half-written one. On an exception the temp folder is
+    removed; a process killed before the rename leaves it, and the next writer
+    of `path` removes it first (its name is fixed).
+
+    Args:
+        path: the folder to write; its parent is created if missing.
+        temp: the temp folder (default `.NAME.partial` beside `path`); a name
+            that is not an integer keeps it out of TF Serving's versions.
+        replace: replace a folder already at `path` (`replace_directory`);
+            with False the rename fails (`OSError`) where one that is not
+            empty is there, and the folder there is kept.
+    """
+    path = Path(path)
+    tmp = Path(temp) if temp is not None else path.with_name(f".{path.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if replace:
+            replace_directory(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -22,20 +22,14 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from stl10_keras import runtime
+from stl10_keras import errors, flags, runtime
 from stl10_keras.errors import ModelError
 from stl10_keras.export import (BYTES_SIGNATURE, CLASS_NAMES_FILE, IMAGE_BYTES_INPUT,
                                 check_encoded_image, decode_image_bytes, list_versions)
 
 
-def _positive_int(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got '{text}'")
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.predict",
         description="Classify image files (JPEG, PNG, GIF, BMP, WebP; any size) with "
                     "an exported SavedModel and print the top-k classes.")
@@ -43,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the model base path, saved_models/NAME (holds 1/, "
                              "2/, ...)")
     parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    parser.add_argument("--top-k", type=_positive_int, default=3,
+    parser.add_argument("--top-k", type=flags.number(int, 1), default=3,
                         help="classes printed per image (default 3)")
-    parser.add_argument("--version", type=_positive_int, default=None,
+    parser.add_argument("--version", type=flags.number(int, 1), default=None,
                         help="the version to load (default: the highest)")
     return parser
 
@@ -132,11 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = resolve_version(args.model, args.version)
         classify, names = load_classifier(path)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except errors.UserError as e:
+        return errors.report(e)
     except KeyboardInterrupt:
-        return 130
+        return errors.EXIT_INTERRUPTED
     import tensorflow as tf
 
     print(f"model {path} (version {path.name})", flush=True)
@@ -154,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {image} could not be decoded (a corrupt or truncated "
                   "image).", file=sys.stderr)
         except KeyboardInterrupt:
-            return 130
+            return errors.EXIT_INTERRUPTED
         else:
             probabilities = outputs["probabilities"].numpy()[0]
             top_name = outputs["class_names"].numpy()[0].decode("utf-8", "replace")

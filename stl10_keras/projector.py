@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -17,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from stl10_keras.errors import EmbedError
-from stl10_keras.io_utils import import_tensorflow
+from stl10_keras.io_utils import atomic_directory, import_tensorflow
 
 # The projector refuses sprites larger than this on either side (WebGL textures).
 SPRITE_MAX_SIDE = 8192
@@ -134,41 +133,30 @@ def write_projector(
 
     from stl10_keras.visualize import save_png
 
-    log_dir = Path(log_dir)
-    final = log_dir / PROJECTOR_DIR
-    tmp = log_dir / f".{PROJECTOR_DIR}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    final = Path(log_dir) / PROJECTOR_DIR
+    with atomic_directory(final) as tmp:
+        variables = {name: tf.Variable(value, trainable=False, name=name)
+                     for name, value in features.items()}
+        tf.train.Checkpoint(**variables).save(str(tmp / CHECKPOINT_PREFIX))
 
-    variables = {name: tf.Variable(value, trainable=False, name=name)
-                 for name, value in features.items()}
-    tf.train.Checkpoint(**variables).save(str(tmp / CHECKPOINT_PREFIX))
+        rows = "".join(f"{int(y)}\t{class_names[int(y)]}\n" for y in labels)
+        (tmp / METADATA_FILE).write_text("label\tclass\n" + rows)
 
-    rows = "".join(f"{int(y)}\t{class_names[int(y)]}\n" for y in labels)
-    (tmp / METADATA_FILE).write_text("label\tclass\n" + rows)
+        layout = sprite_layout(len(images), images.shape[1], images.shape[2])
+        save_png(make_sprite(images, layout), str(tmp / SPRITE_FILE))
 
-    layout = sprite_layout(len(images), images.shape[1], images.shape[2])
-    save_png(make_sprite(images, layout), str(tmp / SPRITE_FILE))
+        config = projector.ProjectorConfig()
+        for name in features:
+            embedding = config.embeddings.add()
+            embedding.tensor_name = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
+            embedding.metadata_path = METADATA_FILE
+            embedding.sprite.image_path = SPRITE_FILE
+            embedding.sprite.single_image_dim.extend([layout.thumb_width,
+                                                      layout.thumb_height])
+        projector.visualize_embeddings(str(tmp), config)
 
-    config = projector.ProjectorConfig()
-    for name in features:
-        embedding = config.embeddings.add()
-        embedding.tensor_name = f"{name}/.ATTRIBUTES/VARIABLE_VALUE"
-        embedding.metadata_path = METADATA_FILE
-        embedding.sprite.image_path = SPRITE_FILE
-        embedding.sprite.single_image_dim.extend([layout.thumb_width,
-                                                  layout.thumb_height])
-    projector.visualize_embeddings(str(tmp), config)
-
-    writer = tf.summary.create_file_writer(str(tmp))
-    with writer.as_default():
-        tf.summary.text("embeddings", summary, step=0)
-    writer.close()
-
-    old = log_dir / f".{PROJECTOR_DIR}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+        writer = tf.summary.create_file_writer(str(tmp))
+        with writer.as_default():
+            tf.summary.text("embeddings", summary, step=0)
+        writer.close()
     return final

@@ -1,5 +1,5 @@
 """`python -m stl10_keras.serve`: TF Serving's REST and gRPC APIs for a SavedModel
-base path (the code is in `stl10_keras.serving`; this is its entry point).
+base path (the code is in `stl10_keras.serving`; this is its one entry point).
 
 Serves `saved_models/NAME/` (TF Serving's layout, `NAME/VERSION/`) so that a TF
 Serving client works unchanged, over REST (`--port`, 8501):
@@ -17,9 +17,10 @@ See docs/serving.md.
 
 import sys
 
+from stl10_keras.errors import NoVersionError
 from stl10_keras.serving.cli import build_parser, main
 from stl10_keras.serving.codec import predict
-from stl10_keras.serving.errors import NoVersionError, RequestError
+from stl10_keras.serving.errors import RequestError
 from stl10_keras.serving.repository import ModelRepository, Servable, load_servable
 from stl10_keras.serving.rest import ModelServer, make_app
 

@@ -3,7 +3,6 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -80,20 +79,17 @@ def assert_same_run(got: dict, want: dict) -> None:
 @contextmanager
 def rest_server(repository, **server_args):
     """An in-process REST `ModelServer` on a free port over a started
-    `repository`; yields the server, then closes it, stops the repository and
-    checks that the serving thread ended."""
+    `repository`; yields the started server, then stops it, stops the
+    repository and checks that the serving thread ended."""
     from stl10_keras.serving.rest import ModelServer
 
     server = ModelServer(repository, "127.0.0.1", 0, **server_args)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        yield server
+        with server:
+            yield server
     finally:
-        server.close()
         repository.stop()
-        thread.join(timeout=10)
-    assert not thread.is_alive()
+    assert server.wait(timeout=0)
 
 
 @contextmanager

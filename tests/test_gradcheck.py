@@ -47,6 +47,11 @@ def test_fails_when_the_dag_forgets_the_sigmoid_derivative():
     assert gradcheck.main(argv, dag_backward=_without_sigmoid_derivative) == 1
 
 
+def test_inject_bug_offers_exactly_the_injectable_bugs():
+    # The command lists the names before keras loads; the wrong passes need it.
+    assert gradcheck.BUG_NAMES == tuple(sorted(gradient_checks.INJECTABLE_BUGS))
+
+
 def test_injected_tie_bug_fails_only_at_ties(capsys):
     argv = SMALL[:4] + ["--height", "0", "--width", "0", "--inject-bug", "ties-to-x1"]
     assert gradcheck.main(argv) == 1

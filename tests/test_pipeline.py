@@ -14,7 +14,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import urllib.request
 
 import keras
@@ -22,7 +21,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, rest_server, subprocess_env
 from pipelines import components as c
 from pipelines.pipeline import FAIL_ENV
 from pipelines.run import main
@@ -193,25 +192,18 @@ def test_evaluator_accuracy_is_the_argmax_of_the_keras_model(first, digits):
 def test_the_pushed_model_is_served_by_stl10_keras_serve(first, dirs, digits,
                                                          tmp_path):
     from stl10_keras.model import load_model
-    from stl10_keras.serve import ModelRepository, ModelServer
+    from stl10_keras.serve import ModelRepository
 
     base = tmp_path / "digits"  # the pushed version alone, whatever is pushed later
     shutil.copytree(dirs["serving"] / "1", base / "1")
     repository = ModelRepository(base, "digits")
     repository.start()
-    server = ModelServer(repository, "127.0.0.1", 0, threads=2)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
+    with rest_server(repository, threads=2) as server:
         body = json.dumps({"instances": digits.x_val[:8].tolist()}).encode()
         request = urllib.request.Request(
             f"{server.url}/v1/models/digits:predict", data=body)
         with _OPENER.open(request, timeout=120) as response:
             predictions = json.loads(response.read())["predictions"]
-    finally:
-        server.close()
-        repository.stop()
-        thread.join(timeout=10)
     model = load_model(artifact(first, "Trainer").uri / c.MODEL_PATH)
     logits = model.predict(digits.x_val[:8], verbose=0)
     np.testing.assert_allclose([p["probabilities"] for p in predictions],

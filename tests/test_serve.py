@@ -11,7 +11,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -353,10 +352,8 @@ def test_cors_headers_only_with_enable_cors(exported):
     repository = ModelRepository(base, NAME)
     repository.start()
     for enable in (False, True):
-        server = ModelServer(repository, "127.0.0.1", 0, threads=2, enable_cors=enable)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        try:
+        with ModelServer(repository, "127.0.0.1", 0, threads=2,
+                         enable_cors=enable) as server:
             for method, path in (("GET", f"/v1/models/{NAME}"),
                                  ("GET", "/v1/models/other"),
                                  ("OPTIONS", f"/v1/models/{NAME}:predict")):
@@ -373,9 +370,6 @@ def test_cors_headers_only_with_enable_cors(exported):
                     if enable:
                         assert response.getheader(
                             "Access-Control-Allow-Methods") == "POST, GET"
-        finally:
-            server.close()
-            thread.join(timeout=10)
 
 
 def test_unknown_model_and_path_are_404_and_the_server_keeps_serving(url):

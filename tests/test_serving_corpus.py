@@ -180,14 +180,12 @@ def servers(tmp_path_factory):
     repository.start()
     reference = tf.saved_model.load(str(base / "1")).signatures["serving_default"]
     want = reference(images=tf.constant(PIXELS))["probabilities"].numpy()
-    with rest_server(repository, threads=4, max_body_bytes=MAX_BYTES) as rest:
-        server = GrpcServer(repository, "127.0.0.1", 0, threads=4,
-                            max_message_bytes=MAX_BYTES)
-        server.start()
+    with rest_server(repository, threads=4, max_body_bytes=MAX_BYTES) as rest, \
+            GrpcServer(repository, "127.0.0.1", 0, threads=4,
+                       max_message_bytes=MAX_BYTES) as server:
         channel = grpc.insecure_channel(server.address)
         yield rest, prediction_service_pb2_grpc.PredictionServiceStub(channel), want
         channel.close()
-        server.stop()
 
 
 def rest_call(rest, method, path, body):

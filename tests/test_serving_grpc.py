@@ -74,10 +74,9 @@ def exported(tmp_path_factory):
 def both_servers(base, labels=None):
     repository = ModelRepository(base, NAME, labels=labels)
     repository.start()
-    with rest_server(repository, threads=4, max_body_bytes=MAX_BYTES) as rest:
-        server = GrpcServer(repository, "127.0.0.1", 0, threads=4,
-                            max_message_bytes=MAX_BYTES)
-        server.start()
+    with rest_server(repository, threads=4, max_body_bytes=MAX_BYTES) as rest, \
+            GrpcServer(repository, "127.0.0.1", 0, threads=4,
+                       max_message_bytes=MAX_BYTES) as server:
         channel = grpc.insecure_channel(server.address)
         try:
             yield (prediction_service_pb2_grpc.PredictionServiceStub(channel),
@@ -85,7 +84,6 @@ def both_servers(base, labels=None):
                    f"{rest.url}/v1/models/{NAME}")
         finally:
             channel.close()
-            server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ its gRPC API), from one model repository.
     codec.py       a request -> tensors -> the signature -> a response (no transport)
     rest.py        TF Serving's REST API (Flask on waitress)
     grpc.py        TF Serving's gRPC PredictionService and ModelService
-    cli.py         `python -m stl10_keras.serve`
-    errors.py      RequestError (an HTTP status and its gRPC code), NoVersionError
+    server.py      the lifecycle both front ends share (start, wait, stop, `with`)
+    cli.py         the command line, run by `python -m stl10_keras.serve`
+    errors.py      RequestError (an HTTP status and its gRPC code)
 """

@@ -1,39 +1,26 @@
-"""`python -m stl10_keras.serve`: the command line of the model server."""
+"""The command line of the model server, which `python -m stl10_keras.serve` runs."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import signal
 import socket
 import sys
 import threading
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
-from stl10_keras import runtime
-from stl10_keras.serving.errors import NoVersionError
+from stl10_keras import errors, flags, runtime
 from stl10_keras.serving.repository import DEFAULT_SETTLE_SECONDS, ModelRepository
 from stl10_keras.serving.rest import DEFAULT_MAX_BODY_MB, DEFAULT_THREADS, ModelServer
+from stl10_keras.serving.server import Server
 
+#: The longest --poll-seconds and --settle-seconds (a day): a longer wait ends
+#: in threading's OverflowError, far from the flag.
+DAY = 86400.0
 
-def _positive(kind: type, most: float = 86400.0) -> Callable[[str], Any]:
-    """A positive, finite number no larger than `most` (a day by default)."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if not 0 < value <= most:  # also refuses nan and inf
-            raise argparse.ArgumentTypeError(
-                f"must be a number in (0, {most:g}], got {text}")
-        return value
-    return parse
-
-
-def _port(text: str) -> int:
-    if not text.isdigit() or int(text) > 65535:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a port (0..65535)")
-    return int(text)
+AnyServer = TypeVar("AnyServer", bound=Server)
 
 
 def _host(text: str) -> str:
@@ -71,7 +58,7 @@ def _labels(text: str) -> dict[str, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = flags.ArgumentParser(
         prog="python -m stl10_keras.serve",
         description="Serve a SavedModel base path with TF Serving's REST API "
                     "(status, metadata, :predict) and its gRPC API "
@@ -84,28 +71,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-name", default=None,
                         help="the NAME in /v1/models/NAME (default: the base path's "
                              "folder name)")
-    parser.add_argument("--port", type=_port, default=8501,
+    parser.add_argument("--port", type=flags.port, default=8501,
                         help="TCP port (default 8501, TF Serving's REST port; 0: any "
                              "free port)")
-    parser.add_argument("--grpc-port", type=_port, default=8500,
+    parser.add_argument("--grpc-port", type=flags.port, default=8500,
                         help="TCP port of the gRPC API (default 8500, TF Serving's "
                              "gRPC port; 0: no gRPC API)")
     parser.add_argument("--host", type=_host, default="127.0.0.1",
                         help="address to bind (default 127.0.0.1: this machine only; "
                              "0.0.0.0 exposes it to the network)")
-    parser.add_argument("--max-body-mb", type=_positive(float, most=4096),
+    parser.add_argument("--max-body-mb", type=flags.positive(float, most=4096),
                         default=DEFAULT_MAX_BODY_MB,
                         help=f"larger request bodies get HTTP 413, larger gRPC "
                              f"messages RESOURCE_EXHAUSTED (default "
                              f"{DEFAULT_MAX_BODY_MB:g}; MB = 2**20 bytes)")
-    parser.add_argument("--poll-seconds", type=_positive(float), default=1.0,
+    parser.add_argument("--poll-seconds", type=flags.positive(float, most=DAY),
+                        default=1.0,
                         help="how often the base path is checked for a new version "
                              "(default 1, as TF Serving)")
-    parser.add_argument("--threads", type=_positive(int, most=1024),
+    parser.add_argument("--threads", type=flags.positive(int, most=1024),
                         default=DEFAULT_THREADS,
                         help=f"requests handled at the same time, per API "
                              f"(default {DEFAULT_THREADS})")
-    parser.add_argument("--settle-seconds", type=_positive(float),
+    parser.add_argument("--settle-seconds", type=flags.positive(float, most=DAY),
                         default=DEFAULT_SETTLE_SECONDS,
                         help="a new version is loaded once its files have not "
                              "changed for this long, so a slow copy is not loaded "
@@ -122,11 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cannot_listen(host: str, port: int, flag: str, error: OSError) -> int:
-    cause = error.strerror or error.__cause__ or error
-    print(f"error: cannot listen on {host}:{port} ({cause}); pass another {flag} "
-          "or --host.", file=sys.stderr)
-    return 1
+def _bind(flag: str, host: str, port: int,
+          make: Callable[[], AnyServer]) -> AnyServer:
+    """`make()`, the server; an address it cannot bind is the user's error."""
+    try:
+        return make()
+    except OSError as e:
+        cause = e.strerror or e.__cause__ or e
+        raise errors.UserError(f"cannot listen on {host}:{port} ({cause}); pass "
+                               f"another {flag} or --host.") from None
 
 
 def _interrupt(signum, frame):
@@ -134,6 +126,7 @@ def _interrupt(signum, frame):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Serve until Ctrl-C or SIGTERM: exit code 0, or 1/2 (a user's error, one line)."""
     args = build_parser().parse_args(argv)
     runtime.start()  # before TensorFlow loads
     if threading.current_thread() is threading.main_thread():
@@ -144,57 +137,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     repository = ModelRepository(args.model_base_path, args.model_name, freeze_gc=True,
                                  labels=args.version_labels,
                                  settle_seconds=args.settle_seconds)
-    if not re.fullmatch(r"[^/:]+", repository.name):
-        # TF Serving's URL cannot address it: /v1/models/NAME ends at '/' or ':'.
-        print(f"error: the model name '{repository.name}' holds '/' or ':', so no URL "
-              "can address it; pass a --model-name without them.", file=sys.stderr)
-        return 2
     try:
-        # A missing or empty base path fails here, before TensorFlow is loaded.
-        servable = repository.start()
-        max_bytes = int(args.max_body_mb * 2**20)
-        try:
-            server = ModelServer(repository, args.host, args.port, args.threads,
-                                 max_bytes, enable_cors=args.enable_cors)
-        except OSError as e:
-            return _cannot_listen(args.host, args.port, "--port", e)
-        grpc_server = None
-        if args.grpc_port:
-            from stl10_keras.serving.grpc import GrpcServer
-
-            try:
-                grpc_server = GrpcServer(repository, args.host, args.grpc_port,
-                                         args.threads, max_bytes)
-            except OSError as e:
-                server.close()
-                return _cannot_listen(args.host, args.grpc_port, "--grpc-port", e)
-            grpc_server.start()
-        for label, version in sorted(repository.labels.items()):
-            if version not in repository.loaded_versions():
-                print(f"warning: label '{label}' names version {version}, which is "
-                      "not loaded; requests for it get 404 until it loads.",
-                      file=sys.stderr, flush=True)
-        repository.start_polling(args.poll_seconds)
-        grpc_text = (f"; gRPC at {grpc_server.address}" if grpc_server else "")
-        print(f"Serving model '{repository.name}' version {servable.version} "
-              f"({servable.path}) at {server.url}/v1/models/{repository.name}"
-              f"{grpc_text}; Ctrl-C stops.", flush=True)
-        try:
-            server.run()  # returns on Ctrl-C (waitress catches KeyboardInterrupt)
-        finally:
-            if grpc_server is not None:
-                grpc_server.stop()
-    except NoVersionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        _serve(args, repository)
+    except errors.UserError as e:
+        return errors.report(e)
     except KeyboardInterrupt:
         print("Interrupted.", file=sys.stderr)
-        return 130
+        return errors.EXIT_INTERRUPTED
     finally:
         repository.stop()
     print("Stopped.", file=sys.stderr, flush=True)
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def _serve(args: argparse.Namespace, repository: ModelRepository) -> None:
+    """Start the repository and both front ends; serve until Ctrl-C."""
+    if not re.fullmatch(r"[^/:]+", repository.name):
+        # TF Serving's URL cannot address it: /v1/models/NAME ends at '/' or ':'.
+        raise errors.UsageError(
+            f"the model name '{repository.name}' holds '/' or ':', so no URL can "
+            "address it; pass a --model-name without them.")
+    # A missing or empty base path fails here, before TensorFlow is loaded.
+    servable = repository.start()
+    max_bytes = int(args.max_body_mb * 2**20)
+    with contextlib.ExitStack() as servers:
+        rest = servers.enter_context(_bind(
+            "--port", args.host, args.port,
+            lambda: ModelServer(repository, args.host, args.port, args.threads,
+                                max_bytes, enable_cors=args.enable_cors)))
+        grpc_text = ""
+        if args.grpc_port:
+            from stl10_keras.serving.grpc import GrpcServer
+
+            grpc_server = servers.enter_context(_bind(
+                "--grpc-port", args.host, args.grpc_port,
+                lambda: GrpcServer(repository, args.host, args.grpc_port,
+                                   args.threads, max_bytes)))
+            grpc_text = f"; gRPC at {grpc_server.address}"
+        for label, version in sorted(repository.labels.items()):
+            if version not in repository.loaded_versions():
+                print(f"warning: label '{label}' names version {version}, which is "
+                      "not loaded; requests for it get 404 until it loads.",
+                      file=sys.stderr, flush=True)
+        repository.start_polling(args.poll_seconds)
+        print(f"Serving model '{repository.name}' version {servable.version} "
+              f"({servable.path}) at {rest.url}/v1/models/{repository.name}"
+              f"{grpc_text}; Ctrl-C stops.", flush=True)
+        try:
+            rest.wait()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C or SIGTERM: how a server is meant to stop

@@ -14,9 +14,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from stl10_keras.errors import one_line
 from stl10_keras.export import IMAGE_BYTES_INPUT, check_encoded_image
 from stl10_keras.serving.errors import RequestError, clip
-from stl10_keras.serving.errors import one_line as _one_line
 from stl10_keras.serving.repository import Servable
 
 DEFAULT_SIGNATURE = "serving_default"
@@ -280,9 +280,9 @@ def run_signature(signature: str, fn, tensors: dict[str, Any], row: bool = True
         if bad is not None:
             label = "Instance" if row else "Element"
             raise RequestError(400, f"{label} {bad} of '{IMAGE_BYTES_INPUT}' could not "
-                               f"be decoded ({_one_line(e)}).") from None
+                               f"be decoded ({one_line(e)}).") from None
         raise RequestError(400, f"Signature '{signature}' rejected the input "
-                           f"({_one_line(e)}).") from None
+                           f"({one_line(e)}).") from None
     return {k: v.numpy() for k, v in sorted(outputs.items())}
 
 
@@ -353,7 +353,7 @@ def parse_json(data: bytes) -> Any:
             raise RequestError(400, "The request body holds a number of more than "
                                f"{sys.get_int_max_str_digits():,} digits; send "
                                "pixels as 0..255.") from None
-        raise RequestError(400, f"The request body is not valid JSON ({_one_line(e)})."
+        raise RequestError(400, f"The request body is not valid JSON ({one_line(e)})."
                            ) from None
 
 
@@ -405,7 +405,7 @@ def tensor_from_proto(name: str, proto, spec, dtype_name: str,
         array = tf.make_ndarray(proto)
     except Exception as e:  # inconsistent content for its shape and dtype
         raise RequestError(400, f"Input '{name}' is not a valid TensorProto "
-                           f"({_one_line(e)}).") from None
+                           f"({one_line(e)}).") from None
     if spec.dtype == tf.string and name == IMAGE_BYTES_INPUT:
         for i, data in enumerate(array.flat):
             try:

@@ -1,8 +1,10 @@
-"""The errors a request or a model base path can end in, shared by both front ends."""
+"""The errors a request can end in, shared by both front ends.
+
+(A model base path that holds no version that loads is `stl10_keras.errors.
+NoVersionError`, a user's error of the command.)
+"""
 
 from __future__ import annotations
-
-from stl10_keras.errors import NoVersionError, one_line  # noqa: F401 (re-exported)
 
 #: HTTP status -> the gRPC status code TF Serving answers for the same mistake
 #: (its `ToHTTPStatusCode` in `model_servers/http_server.cc`, read backwards).

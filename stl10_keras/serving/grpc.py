@@ -25,6 +25,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from stl10_keras.errors import one_line
 from stl10_keras.serving.codec import (
     input_dtype_name,
     protos_from_outputs,
@@ -33,8 +34,8 @@ from stl10_keras.serving.codec import (
     tensor_from_proto,
 )
 from stl10_keras.serving.errors import RequestError, clip
-from stl10_keras.serving.errors import one_line as _one_line
 from stl10_keras.serving.repository import ModelRepository, Servable
+from stl10_keras.serving.server import JOIN_SECONDS, Server
 
 SIGNATURE_DEF = "signature_def"  # GetModelMetadataImpl::kSignatureDef
 
@@ -49,7 +50,7 @@ def _answer(method: Callable) -> Callable:
         except Exception as e:  # a bug here, not the client's: say so once
             traceback.print_exc(file=sys.stderr)
             context.abort(grpc.StatusCode.INTERNAL,
-                          f"Internal server error ({_one_line(e)}).")
+                          f"Internal server error ({one_line(e)}).")
     handler.__name__ = method.__name__
     handler.__doc__ = method.__doc__
     return handler
@@ -189,11 +190,11 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
         return response
 
 
-class GrpcServer:
+class GrpcServer(Server):
     """TF Serving's gRPC API of a `ModelRepository` on grpcio.
 
-    Binds at construction (`port=0` picks a free port: see `.port`); `start()`
-    serves in grpcio's threads until `stop()`.
+    Binds at construction (`port=0` picks a free port: see `.port`); started,
+    waited for and stopped as every `Server`.
 
     Args:
         repository: the started `ModelRepository`.
@@ -219,25 +220,19 @@ class GrpcServer:
             PredictionServicer(repository, max_message_bytes), self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
             ModelServicer(repository), self._server)
-        self.host = host
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
-            self.port = self._server.add_insecure_port(address)
+            bound = self._server.add_insecure_port(address)
         except RuntimeError as e:  # grpcio >= 1.x raises instead of returning 0
             raise OSError(f"cannot bind {address}") from e
-        if not self.port:
+        if not bound:
             raise OSError(f"cannot bind {address}")
-
-    @property
-    def address(self) -> str:
-        """`host:port`, as a gRPC channel takes it."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        super().__init__(host, bound)
 
     def start(self) -> None:
-        """Serve in the background."""
+        """Serve in grpcio's threads."""
         self._server.start()
 
-    def stop(self, grace: float | None = 1.0) -> None:
-        """Stop serving; requests in flight get `grace` seconds to finish."""
-        self._server.stop(grace).wait()
+    def _shutdown(self, grace: float | None) -> None:
+        if self._server.stop(grace).wait((grace or 0) + JOIN_SECONDS):
+            self._ended.set()

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from stl10_keras.errors import NoVersionError, one_line
 from stl10_keras.export import IMAGE_BYTES_INPUT, list_versions
-from stl10_keras.serving.errors import NoVersionError, RequestError, clip
-from stl10_keras.serving.errors import one_line as _one_line
+from stl10_keras.serving.errors import RequestError, clip
 
 #: TF Serving's versions are int64 (`absl::SimpleAtoi` into `int64_t`).
 MAX_VERSION = 2**63 - 1
@@ -310,11 +310,11 @@ class ModelRepository:
         except Exception as e:  # any broken version: keep serving the old one
             self._failed[version] = stamp
             with self._lock:
-                self._states[version] = ("END", "UNKNOWN", _one_line(e))
+                self._states[version] = ("END", "UNKNOWN", one_line(e))
             served = self._latest
             still = f"; still serving version {served}" if served is not None else ""
             self._log(f"warning: version {version} of model '{self.name}' "
-                      f"did not load ({_one_line(e)}){still}; it is tried again "
+                      f"did not load ({one_line(e)}){still}; it is tried again "
                       "when its files change.")
             return False
         self._failed.pop(version, None)
@@ -332,7 +332,7 @@ class ModelRepository:
                     self.refresh()
                 except Exception as e:  # a poll must never end the poller
                     self._log(f"warning: polling {self.base_path} failed "
-                              f"({_one_line(e)}).")
+                              f"({one_line(e)}).")
 
         self._poller = threading.Thread(target=poll, name="version-poller", daemon=True)
         self._poller.start()

@@ -6,14 +6,16 @@ import json
 import logging
 import re
 import sys
+import threading
 import traceback
 from typing import Any
 
 from stl10_keras.serving.codec import parse_json
 from stl10_keras.serving.codec import predict
+from stl10_keras.errors import one_line
 from stl10_keras.serving.errors import RequestError, clip
-from stl10_keras.serving.errors import one_line as _one_line
 from stl10_keras.serving.repository import ModelRepository, parse_version
+from stl10_keras.serving.server import JOIN_SECONDS, Server
 
 DEFAULT_MAX_BODY_MB = 16.0
 DEFAULT_THREADS = 8
@@ -79,7 +81,7 @@ def make_app(repository: ModelRepository, max_body_bytes: int,
     @app.errorhandler(Exception)
     def internal_error(e: Exception):
         traceback.print_exc(file=sys.stderr)
-        return reply({"error": f"Internal server error ({_one_line(e)})."}, 500)
+        return reply({"error": f"Internal server error ({one_line(e)})."}, 500)
 
     if enable_cors:
         @app.after_request
@@ -156,11 +158,11 @@ def _json_error_channel(max_body_bytes: int):
     return JSONErrorChannel
 
 
-class ModelServer:
-    """The REST API of a `ModelRepository` on waitress.
+class ModelServer(Server):
+    """TF Serving's REST API of a `ModelRepository` on waitress.
 
-    Binds at construction (`port=0` picks a free port: see `.port`); `run()`
-    serves until `close()` (from another thread) or Ctrl-C.
+    Binds at construction (`port=0` picks a free port: see `.port`); started,
+    waited for and stopped as every `Server`.
 
     Args:
         repository: the started `ModelRepository`.
@@ -169,6 +171,9 @@ class ModelServer:
         threads: requests handled at the same time.
         max_body_bytes: larger request bodies get HTTP 413.
         enable_cors: TF Serving's CORS headers on every response.
+
+    Raises:
+        OSError: the address cannot be bound.
     """
 
     def __init__(self, repository: ModelRepository, host: str = "127.0.0.1",
@@ -191,42 +196,50 @@ class ModelServer:
             max_request_body_size=4 * max_body_bytes + 1,
             ident="stl10_keras.serve")
         self._server.channel_class = _json_error_channel(max_body_bytes)
-        self._running = False
-        self._closing = False
+        self._thread: threading.Thread | None = None
         listen = getattr(self._server, "effective_listen", None)
         if not listen:
             listen = [(self._server.effective_host, self._server.effective_port)]
-        self.host, self.port = listen[0]
+        super().__init__(*listen[0])
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        """`http://host:port`, the root of the REST API."""
+        return f"http://{self.address}"
 
-    def run(self) -> None:
-        """Serve until `close()` or Ctrl-C."""
-        self._running = True
+    def start(self) -> None:
+        """Serve in a background thread (waitress' loop; its threads answer)."""
+        self._thread = threading.Thread(target=self._serve, name="rest",
+                                        daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
         try:
             self._server.run()
-        except OSError:
-            # close() from another thread can close a socket while the loop's
-            # select() still holds its descriptor (EBADF); that is the shutdown
-            # asked for, not an error (webtest's StopableWSGIServer does the same).
-            if not self._closing:
-                raise
+        except Exception as e:
+            # stop() can close a socket while the loop's select() still holds
+            # its descriptor (EBADF); that is the shutdown asked for, not an
+            # error (webtest's StopableWSGIServer does the same).
+            if not (self._stopping and isinstance(e, OSError)):
+                self._error = e
         finally:
-            self._running = False
+            self._ended.set()
 
-    def close(self) -> None:
-        """Stop serving: close the sockets in the server's own loop, end the threads."""
+    def _shutdown(self, grace: float | None) -> None:
         from waitress import wasyncore
 
         server = self._server
-        self._closing = True
         sockets = getattr(server, "_map", None) or server.map
         trigger = getattr(server, "trigger", None)
-        if trigger is not None and self._running:
+        serving = self._thread is not None and self._thread.is_alive()
+        if trigger is not None and serving:
+            # The loop owns its sockets: close them in its own thread.
             trigger.pull_trigger(lambda: wasyncore.close_all(sockets))
         else:
             wasyncore.close_all(sockets)
-        server.task_dispatcher.shutdown()
+        # waitress has no graceful drain: its threads get `grace` to finish.
+        server.task_dispatcher.shutdown(timeout=grace or 0)
+        if self._thread is None:
+            self._ended.set()
+        else:
+            self._thread.join(JOIN_SECONDS)
