@@ -44,14 +44,15 @@ METRIC_NAMES = ("supervised_loss", "unlabeled_loss", "mask_rate",
 UNKNOWN_LABEL = -1  # an unlabeled image whose true label nobody knows
 
 
-def fixmatch_unlabeled_terms(weak_logits, strong_logits, threshold: float) -> dict:
+def fixmatch_unlabeled_terms(weak_logits, strong_logits, threshold) -> dict:
     """The unlabeled half of FixMatch's loss, and what it is made of.
 
     Args:
         weak_logits: `(U, K)` logits of the weak views.
         strong_logits: `(U, K)` logits of the strong views of the same images.
         threshold: `tau`; a pseudo-label counts where the weak view's top
-            probability is at least this.
+            probability is at least this: a number, or a `(K,)` tensor of
+            per-class thresholds (the pseudo-label's class picks one).
 
     Returns:
         A dict: `loss` (scalar, the masked cross-entropy averaged over all
@@ -62,6 +63,8 @@ def fixmatch_unlabeled_terms(weak_logits, strong_logits, threshold: float) -> di
     probs = ops.softmax(ops.stop_gradient(ops.cast(weak_logits, "float32")), axis=-1)
     confidence = ops.max(probs, axis=-1)
     pseudo_labels = ops.cast(ops.argmax(probs, axis=-1), "int32")
+    if ops.ndim(threshold) == 1:  # per class: the pseudo-label's class's
+        threshold = ops.take(ops.cast(threshold, "float32"), pseudo_labels)
     mask = ops.cast(confidence >= threshold, "float32")
     ce = keras.losses.sparse_categorical_crossentropy(
         pseudo_labels, ops.cast(strong_logits, "float32"), from_logits=True)
@@ -147,12 +150,20 @@ class FixMatch(keras.Model):
         if not isinstance(y_pred, (tuple, list)):
             return super().compute_loss(x, y, y_pred, sample_weight, training)
         labels, _ = y
-        labeled_logits, weak_logits, strong_logits = y_pred
+        labeled_logits = y_pred[0]
         supervised = super().compute_loss(x, labels, labeled_logits, sample_weight,
                                           training)
-        terms = fixmatch_unlabeled_terms(weak_logits, strong_logits,
-                                         self.confidence_threshold)
-        return supervised + self.unlabeled_weight * terms["loss"]
+        terms = self.unlabeled_terms(y_pred)
+        # `regulariser`: a method's own extra term (FreeMatch's fairness).
+        return (supervised + self.unlabeled_weight * terms["loss"]
+                + terms.get("regulariser", 0.0))
+
+    def unlabeled_terms(self, y_pred) -> dict:
+        """`fixmatch_unlabeled_terms` of a training step's `call` output
+        (FreeMatch's adds its thresholds and fairness term)."""
+        _, weak_logits, strong_logits = y_pred[:3]
+        return fixmatch_unlabeled_terms(weak_logits, strong_logits,
+                                        self.confidence_threshold)
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
         if not isinstance(y_pred, (tuple, list)):
@@ -160,10 +171,9 @@ class FixMatch(keras.Model):
             # Validation has no unlabeled batch: leave its zeros out.
             return {k: v for k, v in logs.items() if k not in METRIC_NAMES}
         labels, unlabeled_labels = y
-        labeled_logits, weak_logits, strong_logits = y_pred
+        labeled_logits = y_pred[0]
         super().compute_metrics(x, labels, labeled_logits, sample_weight)
-        terms = fixmatch_unlabeled_terms(weak_logits, strong_logits,
-                                         self.confidence_threshold)
+        terms = self.unlabeled_terms(y_pred)
         self.supervised_loss_tracker.update_state(
             keras.losses.sparse_categorical_crossentropy(
                 labels, ops.cast(labeled_logits, "float32"), from_logits=True))
@@ -220,3 +230,133 @@ def build_fixmatch_model(config: Config, model: keras.Model,
                     unlabeled_weight=s.unlabeled_weight,
                     track_pseudo_label_accuracy=track_pseudo_label_accuracy,
                     name=f"{model.name}_fixmatch")
+
+
+# --- FreeMatch: a self-adaptive threshold (Wang et al., ICLR 2023) ---------------
+
+def freematch_fairness_loss(mask, strong_logits, p_model, label_hist):
+    """FreeMatch's self-adaptive fairness term, as USB computes it.
+
+    Over the strong views whose pseudo-label counts (`mask`), the mean
+    probability divided by the histogram of their predicted classes, both
+    normalised to sum to 1, against the model's class distribution `p_model`
+    divided by the pseudo-labels' histogram `label_hist`:
+    `sum_k norm(p_model / label_hist)_k * log norm(mean_p_s / hist_s)_k`.
+    0 when no pseudo-label counts. Its gradient flows through the strong
+    views only.
+    """
+    mask = ops.cast(mask, "float32")
+    count = ops.sum(mask)
+    probs = ops.softmax(ops.cast(strong_logits, "float32"), axis=-1)
+    num_classes = ops.shape(probs)[-1]
+    predicted = ops.one_hot(ops.argmax(probs, axis=-1), num_classes)
+    safe = ops.maximum(count, 1.0)
+    hist_s = ops.stop_gradient(ops.sum(predicted * mask[:, None], axis=0) / safe)
+    mean_p_s = ops.sum(probs * mask[:, None], axis=0) / safe
+
+    def scaled(p, hist):  # p / hist with 1/0 -> 0, normalised to sum to 1
+        inverse = ops.where(hist > 0, 1.0 / ops.maximum(hist, 1e-30), 0.0)
+        q = p * ops.stop_gradient(inverse)
+        return q / ops.sum(q)
+
+    target = ops.stop_gradient(scaled(ops.cast(p_model, "float32"),
+                                      ops.cast(label_hist, "float32")))
+    loss = ops.sum(target * ops.log(scaled(mean_p_s, hist_s) + 1e-12))
+    return ops.where(count > 0, loss, 0.0)
+
+
+@keras.saving.register_keras_serializable(package="stl10_keras")
+class FreeMatch(FixMatch):
+    """FixMatch whose threshold adapts to the model's confidence (FreeMatch).
+
+    It keeps, as moving averages with momentum `ema_momentum` over the
+    unlabeled batches' weak views (all starting at `1 / K`):
+    `time_p`, the mean top probability; `p_model`, the mean probability of
+    each class; `label_hist`, the share of each predicted class. A weak
+    view's pseudo-label of class `c` counts where its top probability is at
+    least `time_p * p_model[c] / max(p_model)`: a low threshold while the
+    model is unsure, a high one once it is confident, lower for classes it
+    predicts with less confidence. `fairness_weight` weights
+    `freematch_fairness_loss`. The states are non-trainable weights: saved
+    with the backup, so a resumed run continues them.
+
+    Args:
+        model, weak, strong, unlabeled_weight, track_pseudo_label_accuracy:
+            as `FixMatch` (its fixed `confidence_threshold` is not used).
+        ema_momentum: the states' momentum (USB's `ema_p`, 0.999).
+        fairness_weight: weight of the fairness term (USB's `ent_loss_ratio`).
+    """
+
+    def __init__(self, model, weak, strong, ema_momentum: float = 0.999,
+                 fairness_weight: float = 0.01, **kwargs):
+        kwargs.pop("confidence_threshold", None)
+        super().__init__(model, weak, strong, **kwargs)
+        self.ema_momentum = float(ema_momentum)
+        self.fairness_weight = float(fairness_weight)
+        k = int(model.output_shape[-1])
+        uniform = keras.initializers.Constant(1.0 / k)
+        self.time_p = self.add_weight(shape=(), initializer=uniform,
+                                      trainable=False, name="time_p")
+        self.p_model = self.add_weight(shape=(k,), initializer=uniform,
+                                       trainable=False, name="p_model")
+        self.label_hist = self.add_weight(shape=(k,), initializer=uniform,
+                                          trainable=False, name="label_hist")
+        self.threshold_tracker = keras.metrics.Mean(name="threshold")
+
+    def call(self, inputs, training=False):
+        out = super().call(inputs, training=training)
+        if not isinstance(out, tuple):
+            return out
+        labeled_logits, weak_logits, strong_logits = out
+        probs = ops.softmax(ops.stop_gradient(ops.cast(weak_logits, "float32")),
+                            axis=-1)
+        if training:
+            m = self.ema_momentum
+            k = ops.shape(probs)[-1]
+            hist = ops.mean(ops.one_hot(ops.argmax(probs, axis=-1), k), axis=0)
+            self.time_p.assign(m * self.time_p + (1 - m) * ops.mean(
+                ops.max(probs, axis=-1)))
+            self.p_model.assign(m * self.p_model + (1 - m) * ops.mean(probs, axis=0))
+            self.label_hist.assign(m * self.label_hist + (1 - m) * hist)
+        # The states after this batch's update, as USB masks with them; passed
+        # on in the output so the loss reads these values on every backend.
+        state = ops.stack([self.time_p * self.p_model / ops.max(self.p_model),
+                           ops.convert_to_tensor(self.p_model),
+                           ops.convert_to_tensor(self.label_hist)])
+        return labeled_logits, weak_logits, strong_logits, state
+
+    def unlabeled_terms(self, y_pred) -> dict:
+        _, weak_logits, strong_logits, state = y_pred
+        terms = fixmatch_unlabeled_terms(weak_logits, strong_logits, state[0])
+        fairness = freematch_fairness_loss(terms["mask"], strong_logits,
+                                           state[1], state[2])
+        terms["regulariser"] = self.fairness_weight * fairness
+        terms["thresholds"] = state[0]
+        return terms
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        if isinstance(y_pred, (tuple, list)):
+            self.threshold_tracker.update_state(ops.mean(y_pred[3][0]))
+        return super().compute_metrics(x, y, y_pred, sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("confidence_threshold", None)
+        return {**config, "ema_momentum": self.ema_momentum,
+                "fairness_weight": self.fairness_weight}
+
+
+def build_freematch_model(config: Config, model: keras.Model,
+                          track_pseudo_label_accuracy: bool = False) -> FreeMatch:
+    """The run's `FreeMatch` training model: FixMatch's views and weight, the
+    `freematch` section's momentum and fairness weight."""
+    s, f, seed = config.methods["fixmatch"], config.methods["freematch"], \
+        config.train.seed
+    strong = StrongAugment(num_ops=s.strong_ops, magnitude=s.strong_magnitude,
+                           cutout=s.cutout, seed=seed + 1, name="strong_augment")
+    return FreeMatch(model, weak_augmentation(config, seed), strong,
+                     ema_momentum=f.ema_momentum,
+                     fairness_weight=f.fairness_weight,
+                     unlabeled_weight=s.unlabeled_weight,
+                     track_pseudo_label_accuracy=track_pseudo_label_accuracy,
+                     name=f"{model.name}_freematch")

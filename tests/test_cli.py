@@ -93,23 +93,6 @@ def test_a_negatable_switch_gives_both_forms():
     assert config.augment.enabled is True
 
 
-# Each command answers a bad flag with one sentence and "see --help", exit 2,
-# and never with argparse's usage block (the flag builder makes ~50 lines).
-COMMANDS = ["stl10_keras.train", "stl10_keras.ablation", "pipelines.run"]
-
-
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("flags", [["--no-such-flag"], ["--epochs", "x"]])
-def test_a_bad_flag_is_one_sentence_and_exit_2(command, flags):
-    proc = subprocess.run([sys.executable, "-m", command, *flags], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert len(lines) <= 3 and "see --help" in lines[-1], proc.stderr
-    assert "usage:" not in proc.stderr
-
-
 def test_the_train_command_loads_each_module_once():
     # Run as `python -m stl10_keras.train` runs it, up to a config error (after
     # the training module is imported): no source file may be loaded twice

@@ -160,11 +160,15 @@ def test_the_three_views_go_through_the_network_as_one_batch():
     assert clone.count_params() == fm.count_params()
 
 
-def test_keras_ema_matches_a_numpy_ema_and_ends_in_the_model():
+@pytest.mark.parametrize("decay, batch_size", [(0.8, 8), (0.5, 2)])
+def test_keras_ema_matches_a_numpy_warmed_up_ema_and_ends_in_the_model(
+        decay, batch_size):
+    # The average's momentum at update t is TF's ExponentialMovingAverage
+    # warm-up, min(decay, (1 + t) / (10 + t)): 5 updates stay on the ramp,
+    # 20 reach decay 0.5 at t = 8.
     from stl10_keras.config import TrainConfig
     from stl10_keras.train import optimizer
 
-    decay = 0.8
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer=optimizer(TrainConfig(learning_rate=0.1, momentum=0.0,
                                                   weight_decay=0.0, lr_decay=0.0),
@@ -178,12 +182,13 @@ def test_keras_ema_matches_a_numpy_ema_and_ends_in_the_model():
 
     rng = np.random.default_rng(0)
     x, y = rng.normal(size=(40, 3)).astype(np.float32), rng.integers(0, 2, 40)
-    model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0,
+    model.fit(x, y, batch_size=batch_size, epochs=1, shuffle=False, verbose=0,
               callbacks=[Record()])
     ema = [w.copy() for w in raw[0]]  # keras starts the average at step 1's weights
-    for step in raw[1:]:
-        ema = [decay * e + (1 - decay) * w for e, w in zip(ema, step)]
-    assert len(raw) == 5
+    for t, step in enumerate(raw[1:], start=1):
+        m = min(decay, (1 + t) / (10 + t))
+        ema = [m * e + (1 - m) * w for e, w in zip(ema, step)]
+    assert len(raw) == 40 // batch_size
     for got, want, last in zip(model.get_weights(), ema, raw[-1]):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         assert not np.allclose(got, last)  # the average, not the last step

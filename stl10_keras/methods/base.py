@@ -109,9 +109,17 @@ class Method:
         on (by default `splits`)."""
         return splits
 
+    def epochs(self, splits) -> int:
+        """Epochs `fit` trains on `splits` (the prepared ones)."""
+        return self.config.train.epochs
+
     def training_model(self, model, splits):
         """The `keras.Model` that `fit` trains, sharing `model`'s weights."""
         raise NotImplementedError
+
+    def record(self) -> dict[str, Any] | None:
+        """What the method adds to `metrics.json` (e.g. the pseudo-labels kept)."""
+        return None
 
     def batches(self, splits, epochs: tuple[int, int], dist: "Distributed"):
         """The training stream of epochs `epochs[0] .. epochs[1] - 1`, each a

@@ -46,20 +46,28 @@ EXPORT_RECORD = "export.json"
 
 
 def optimizer(t: cfg.TrainConfig, ema_decay: float | None = None,
-              steps_per_epoch: int | None = None):
+              steps_per_epoch: int | None = None, epochs: int | None = None):
     """The lab's SGD; with `ema_decay`, it also keeps a moving average of the
-    weights (keras' `use_ema`), which evaluation and export use (FixMatch).
-    `steps_per_epoch` sizes the cosine schedule (`t.epochs` of them)."""
+    weights (keras' `use_ema`, warmed up: `averaging.EMAWarmupSGD`), which
+    evaluation and export use.
+    `steps_per_epoch` sizes the cosine schedule (`epochs` of them, by default
+    `t.epochs`)."""
     import keras
 
-    ema = {} if ema_decay is None else {"use_ema": True, "ema_momentum": ema_decay}
-    return keras.optimizers.SGD(
-        learning_rate=learning_rate_schedule(t, steps_per_epoch),
-        momentum=t.momentum, weight_decay=t.weight_decay, **ema
-    )
+    if ema_decay is None:
+        return keras.optimizers.SGD(
+            learning_rate=learning_rate_schedule(t, steps_per_epoch, epochs),
+            momentum=t.momentum, weight_decay=t.weight_decay)
+    from stl10_keras.averaging import EMAWarmupSGD
+
+    return EMAWarmupSGD(
+        learning_rate=learning_rate_schedule(t, steps_per_epoch, epochs),
+        momentum=t.momentum, weight_decay=t.weight_decay, use_ema=True,
+        ema_momentum=ema_decay)
 
 
-def learning_rate_schedule(t: cfg.TrainConfig, steps_per_epoch: int | None = None):
+def learning_rate_schedule(t: cfg.TrainConfig, steps_per_epoch: int | None = None,
+                           epochs: int | None = None):
     """The step -> learning rate function `t.lr_schedule` names."""
     import keras
 
@@ -68,7 +76,8 @@ def learning_rate_schedule(t: cfg.TrainConfig, steps_per_epoch: int | None = Non
             raise ValueError("the cosine schedule needs the run's steps_per_epoch")
         # keras holds the rate at alpha (0) from decay_steps on.
         return keras.optimizers.schedules.CosineDecay(
-            t.learning_rate, decay_steps=t.epochs * steps_per_epoch, alpha=0.0)
+            t.learning_rate, decay_steps=(epochs or t.epochs) * steps_per_epoch,
+            alpha=0.0)
     # Torch's optim.sgd learningRateDecay: lr_t = lr / (1 + decay * t).
     return keras.optimizers.schedules.InverseTimeDecay(
         t.learning_rate, decay_steps=1, decay_rate=t.lr_decay
@@ -94,12 +103,13 @@ def jit_compile_setting():
 def compile_training_model(training_model, t: cfg.TrainConfig,
                            steps_per_execution: int = 1,
                            ema_decay: float | None = None,
-                           steps_per_epoch: int | None = None) -> None:
+                           steps_per_epoch: int | None = None,
+                           epochs: int | None = None) -> None:
     """Compile the training model as every run does (benchmarks time this step)."""
     import keras
 
     training_model.compile(
-        optimizer=optimizer(t, ema_decay, steps_per_epoch),
+        optimizer=optimizer(t, ema_decay, steps_per_epoch, epochs),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=["accuracy"],
         jit_compile=jit_compile_setting(),
@@ -268,6 +278,9 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
     history_path = run.dir / "history.csv"
     throughput = cb.Throughput(t.batch_size)
     train_splits = method.prepare(splits, verbose)
+    epochs = method.epochs(train_splits)
+    # prepare may train (a teacher): every run then starts from the same state.
+    keras.utils.set_random_seed(t.seed)
     # Everything that creates or updates weights runs inside the strategy or
     # distribution scope (a no-op without --distribution).
     with dist.scope():
@@ -289,7 +302,7 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
         compile_training_model(
             training_model, t, ema_decay=ema_decay,
             steps_per_epoch=data_lib.num_batches(len(train_splits.y_train),
-                                                 t.batch_size))
+                                                 t.batch_size), epochs=epochs)
         # Kept when fit returns: the last epoch's state until the final
         # weights are on disk (`_keep_final`).
         backup = cb.backup_and_restore(backup_dir)
@@ -299,7 +312,7 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
         # uninterrupted one (tf.data's reshuffle_each_iteration would start
         # over at epoch 0's order). A finished backup still gets one epoch
         # for its length; keras trains none.
-        stream = (min(first_epoch, t.epochs - 1), t.epochs)
+        stream = (min(first_epoch, epochs - 1), epochs)
         train_ds = method.batches(train_splits, stream, dist)
         steps_per_epoch = _stream_length(train_ds) // (stream[1] - stream[0])
         val_batch = 256 // dist.replicas * dist.replicas
@@ -323,13 +336,13 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
             callbacks.insert(
                 4, keras.callbacks.TensorBoard(log_dir=str(run.dir / "logs")))
         training_model.fit(
-            train_ds, validation_data=val_ds, epochs=t.epochs, callbacks=callbacks,
+            train_ds, validation_data=val_ds, epochs=epochs, callbacks=callbacks,
             verbose=verbose, shuffle=False,  # the batches are already shuffled
             initial_epoch=first_epoch, steps_per_epoch=steps_per_epoch,
         )
     history = _read_history(history_path)
     if not history or not math.isfinite(history[-1].get("loss", math.nan)) \
-            or len(history) < t.epochs:
+            or len(history) < epochs:
         shutil.rmtree(backup_dir, ignore_errors=True)  # nothing worth resuming
         raise TrainingError(
             f"Training diverged (the loss became NaN or inf) with learning rate "
@@ -337,6 +350,12 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
         )
     # Evaluation, saving and export use an ordinary one-device copy.
     model = dist.local_copy(model, lambda: build_model(config, splits.image_shape))
+    if ema_decay is not None:
+        from stl10_keras.averaging import recalibrate_batch_norm
+
+        # The model now holds the averaged weights; its batch statistics are
+        # still the raw weights' (keras averages trainable weights only).
+        recalibrate_batch_norm(model, train_splits.x_train)
     fitted = _Fitted(model, history, throughput.images_per_sec(), kmeans_info,
                      resuming)
     _keep_final(run.dir, fitted)
@@ -403,10 +422,11 @@ def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
         "history": fitted.history,
         "train_images_per_sec": fitted.images_per_sec,
         "wall_seconds": time.perf_counter() - wall0,
-        "epochs": config.train.epochs,
+        "epochs": len(fitted.history),  # the method's (a student's may differ)
         "resumed": fitted.resumed,
         "variant": config.variant,
         "semi_supervised": config.semi_supervised.method,
+        "method": methods.get(config.semi_supervised.method)(config, run.dir).record(),
         "kmeans_seconds": kmeans_info["kmeans_seconds"] if kmeans_info else None,
         "kmeans": kmeans_info["layers"] if kmeans_info else None,
         "data": splits.summary(),
