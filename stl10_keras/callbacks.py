@@ -153,3 +153,25 @@ def restore_backup(backup, training_model) -> int:
     backup.set_model(training_model)
     backup.on_train_begin()
     return int(getattr(training_model, "_initial_epoch", None) or 0)
+
+
+class LastEpochWeights:
+    """Keeps a copy of `model`'s weights at the end of its last epoch.
+
+    Read before `fit` returns, when keras (with `use_ema`) copies the moving
+    average into the model: the raw weights the average is compared with.
+    `weights` stays None when the last epoch is not trained in this `fit`.
+    """
+
+    def __init__(self, model, epochs: int):
+        import keras
+
+        self.weights = None
+        outer = self
+
+        class Callback(keras.callbacks.Callback):
+            def on_epoch_end(self, epoch, logs=None):
+                if epoch == epochs - 1:
+                    outer.weights = model.get_weights()
+
+        self.callback = Callback()

@@ -472,7 +472,6 @@ def preset(name: str, dataset: str = "stl10", variant: str = "kmeans12") -> Conf
         config.kmeans.max_iter = 10
         config.kmeans.batch_size = 256
         config.data.shuffle_buffer = 512
-        config.semi_supervised.ema_decay = 0.9
     for method in map(method_registry.get, method_registry.names()):
         method.apply_preset(config, name)
     apply_variant(config)

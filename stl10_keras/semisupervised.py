@@ -320,9 +320,13 @@ class FreeMatch(FixMatch):
             self.label_hist.assign(m * self.label_hist + (1 - m) * hist)
         # The states after this batch's update, as USB masks with them; passed
         # on in the output so the loss reads these values on every backend.
-        state = ops.stack([self.time_p * self.p_model / ops.max(self.p_model),
-                           ops.convert_to_tensor(self.p_model),
-                           ops.convert_to_tensor(self.label_hist)])
+        time_p, p_model, label_hist = (ops.convert_to_tensor(v) for v in (
+            self.time_p, self.p_model, self.label_hist))
+        # (3, K): thresholds, p_model, label_hist. Not ops.stack, which fails
+        # inside a tf.function here ("'str' object has no attribute
+        # 'base_dtype'", keras 3.15 / TF 2.21).
+        state = ops.concatenate([ops.expand_dims(v, 0) for v in (
+            time_p * p_model / ops.max(p_model), p_model, label_hist)], axis=0)
         return labeled_logits, weak_logits, strong_logits, state
 
     def unlabeled_terms(self, y_pred) -> dict:

@@ -85,9 +85,6 @@ class Digits(Source):
         config.kmeans.num_images = 800  # of its 897 unlabeled images
         config.train.epochs = 15
         config.augment.flip = False
-        # 13 steps an epoch, ~200 a run: the average must forget in ~10 steps
-        # (0.99 still weighted the initial weights 0.14 at the end).
-        config.semi_supervised.ema_decay = 0.9
 
     def check_flags(self, config: Config, data_dir_given: bool) -> None:
         if data_dir_given:

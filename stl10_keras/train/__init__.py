@@ -214,6 +214,7 @@ class _Fitted:
     images_per_sec: float | None
     kmeans_info: dict | None
     resumed: bool
+    averaging: dict | None = None  # `_choose_weights`' record
 
 
 def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
@@ -326,12 +327,14 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
             keras.callbacks.CSVLogger(str(history_path), append=True),
             backup,
         ]
+        raw = cb.LastEpochWeights(model, epochs)
         if ema_decay is not None:
             # Validation with the averaged weights; fit ends by copying them
             # into the model (finalize_variable_values), so test and export
             # use them too. Not swap_on_epoch: the backup must hold the
             # trained weights in the model and the average in the optimizer.
             callbacks.insert(0, keras.callbacks.SwapEMAWeights())
+            callbacks.append(raw.callback)
         if run.has_tf:  # keras' TensorBoard callback writes with tf.summary
             callbacks.insert(
                 4, keras.callbacks.TensorBoard(log_dir=str(run.dir / "logs")))
@@ -350,16 +353,43 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
         )
     # Evaluation, saving and export use an ordinary one-device copy.
     model = dist.local_copy(model, lambda: build_model(config, splits.image_shape))
+    averaging = None
     if ema_decay is not None:
-        from stl10_keras.averaging import recalibrate_batch_norm
-
-        # The model now holds the averaged weights; its batch statistics are
-        # still the raw weights' (keras averages trainable weights only).
-        recalibrate_batch_norm(model, train_splits.x_train)
+        averaging = _choose_weights(model, raw.weights, train_splits)
     fitted = _Fitted(model, history, throughput.images_per_sec(), kmeans_info,
-                     resuming)
+                     resuming, averaging)
     _keep_final(run.dir, fitted)
     return fitted
+
+
+def _choose_weights(model, raw_weights, splits) -> dict:
+    """The averaged weights (with batch statistics recomputed for them), unless
+    the last epoch's raw weights are more accurate on validation.
+
+    `model` holds the average when `fit` returns. The average is what the
+    methods that learn from unlabeled images evaluate; checking it against
+    the raw weights means no default can export a model worse than the one it
+    trained, whatever the run's length (`averaging.py`).
+
+    Returns:
+        `{"weights": "average" | "raw", "average_val_accuracy",
+        "raw_val_accuracy"}` (raw: None when this process did not train the
+        last epoch, e.g. a resumed run that had finished it).
+    """
+    from stl10_keras.averaging import recalibrate_batch_norm
+
+    recalibrate_batch_norm(model, splits.x_train)
+    average = model.get_weights()
+    record = {"weights": "average", "raw_val_accuracy": None,
+              "average_val_accuracy": _accuracy(model, splits.x_val, splits.y_val)}
+    if raw_weights is not None:
+        model.set_weights(raw_weights)
+        record["raw_val_accuracy"] = _accuracy(model, splits.x_val, splits.y_val)
+        if record["raw_val_accuracy"] > record["average_val_accuracy"]:
+            record["weights"] = "raw"
+        else:
+            model.set_weights(average)
+    return record
 
 
 def _keep_final(run_dir: Path, fitted: _Fitted) -> None:
@@ -374,6 +404,7 @@ def _keep_final(run_dir: Path, fitted: _Fitted) -> None:
         "images_per_sec": fitted.images_per_sec,
         "kmeans_info": fitted.kmeans_info,
         "resumed": fitted.resumed,
+        "averaging": fitted.averaging,
     })
     shutil.rmtree(run_dir / "backup", ignore_errors=True)
 
@@ -392,7 +423,8 @@ def _load_fitted(config: Config, run: _Run, splits, verbose: int) -> _Fitted | N
         print(f"{run.dir} finished training before it was interrupted; "
               "evaluating and exporting its final weights.")
     return _Fitted(model, _read_history(run.dir / "history.csv"),
-                   info["images_per_sec"], info["kmeans_info"], info["resumed"])
+                   info["images_per_sec"], info["kmeans_info"], info["resumed"],
+                   info.get("averaging"))
 
 
 def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
@@ -427,6 +459,7 @@ def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
         "variant": config.variant,
         "semi_supervised": config.semi_supervised.method,
         "method": methods.get(config.semi_supervised.method)(config, run.dir).record(),
+        "averaging": fitted.averaging,
         "kmeans_seconds": kmeans_info["kmeans_seconds"] if kmeans_info else None,
         "kmeans": kmeans_info["layers"] if kmeans_info else None,
         "data": splits.summary(),
