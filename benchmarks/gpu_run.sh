@@ -52,6 +52,7 @@ if [ -n "$trace" ] && [ "$(stat -c %s "$trace")" -lt 16000000 ]; then
 fi
 # 4. float32 for the record (PyTorch eager only: compile time is spent above).
 phase 120 $BENCH --precisions float32 --torch-modes eager --json "$OUT/f32.json"
-# 5. The FixMatch step (--variant fixmatch, mu = 7) beside the supervised full step.
-phase 120 $BENCH --precisions mixed_bfloat16 --augment on,fixmatch --no-torch \
+# 5. The FixMatch and FreeMatch steps (mu = 7) beside the supervised full step
+#    (self_training's step is the supervised one).
+phase 120 $BENCH --precisions mixed_bfloat16 --augment on,fixmatch,freematch --no-torch \
   --json "$OUT/fixmatch.json"

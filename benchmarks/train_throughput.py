@@ -120,28 +120,35 @@ def build_keras_training_model(config: Config, image_size: int,
 
 def build_keras_fixmatch_model(config: Config, image_size: int,
                                precision: str = "float32",
-                               steps_per_execution: int = 1) -> keras.Model:
-    """The FixMatch training model compiled as `stl10_keras.train.train` does."""
-    from stl10_keras.semisupervised import build_fixmatch_model
+                               steps_per_execution: int = 1,
+                               method: str = "fixmatch") -> keras.Model:
+    """The FixMatch (or FreeMatch) training model compiled as
+    `stl10_keras.train.train` does."""
+    from stl10_keras import semisupervised
 
     keras.mixed_precision.set_global_policy(precision)
     np.random.seed(config.train.seed)
     model = model_lib.build_model(config, (image_size, image_size, 3))
-    training_model = build_fixmatch_model(config, model)
+    build = {"fixmatch": semisupervised.build_fixmatch_model,
+             "freematch": semisupervised.build_freematch_model}[method]
+    training_model = build(config, model)
     compile_training_model(training_model, config.train, steps_per_execution,
                            ema_decay=config.semi_supervised.ema_decay)
     return training_model
 
 
 def fixmatch_runner(config: Config, args, precision: str, data,
-                    rng: np.random.Generator) -> Callable[[], float]:
-    """`keras_runner` for the FixMatch step; `data` is the labeled batch."""
+                    rng: np.random.Generator,
+                    method: str = "fixmatch") -> Callable[[], float]:
+    """`keras_runner` for the FixMatch (or FreeMatch) step; `data` is the
+    labeled batch."""
     images, labels = data
     batch, s = int(images.shape[0]), args.image_size
     unlabeled = to_device(rng.integers(0, 256, (args.fixmatch_ratio * batch, s, s, 3),
                                        dtype=np.uint8))
     truth = to_device(np.full(args.fixmatch_ratio * batch, -1, np.int32))
-    model = build_keras_fixmatch_model(config, s, precision, args.steps_per_execution)
+    model = build_keras_fixmatch_model(config, s, precision, args.steps_per_execution,
+                                       method)
     x, y = (images, unlabeled), (labels, truth)
     if args.warmup:
         fit_round(model, x, y, args.warmup)
@@ -392,7 +399,8 @@ def format_table(rows: list[dict]) -> str:
     lines = ["| framework | mode | batch | precision | augmentation | step (ms) "
              "| images/s | vs PyTorch eager |", "|---|---|---:|---|---|---:|---:|---:|"]
     for r in rows:
-        augmentation = {True: "RandomAffine", False: "none"}.get(
+        augmentation = {True: "RandomAffine", False: "none",
+                        "freematch": "FreeMatch (weak + strong views)"}.get(
             r["augment"], "FixMatch (weak + strong views)")
         head = (f"| {r['framework']} | {r['mode']} | {r['batch']} | {r['precision']} | "
                 f"{augmentation} |")
@@ -638,8 +646,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--precisions", default=",".join(PRECISIONS),
                    help="comma-separated: float32, mixed_bfloat16")
     p.add_argument("--augment", default="on,off",
-                   help="on (full step), off (plain model), fixmatch (the FixMatch "
-                        "step, Keras only), comma-separated (default on,off)")
+                   help="on (full step), off (plain model), fixmatch or freematch "
+                        "(their steps, Keras only; self_training's step is on's), "
+                        "comma-separated (default on,off)")
     p.add_argument("--fixmatch-ratio", type=flags.number(int, 1), default=7,
                    help="fixmatch rows: unlabeled images per labeled one (mu; "
                         "FixMatch's is 7)")
@@ -682,13 +691,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.no_keras and (args.no_torch or not args.torch_modes) and not args.trace:
         p.error("--no-keras with --no-torch leaves nothing to time; drop one of them.")
     args.precision_list = args.precisions.split(",")
-    args.augment_list = [{"on": True, "off": False, "fixmatch": "fixmatch"}.get(v)
+    args.augment_list = [{"on": True, "off": False, "fixmatch": "fixmatch",
+                          "freematch": "freematch"}.get(v)
                          for v in args.augment.split(",")]
     args.torch_mode_list = [] if args.no_torch else args.torch_modes.split(",")
     if any(v not in PRECISIONS for v in args.precision_list):
         p.error(f"--precisions takes {', '.join(PRECISIONS)}.")
     if None in args.augment_list:
-        p.error("--augment takes on, off, fixmatch or a comma-separated list.")
+        p.error("--augment takes on, off, fixmatch, freematch or a comma-separated "
+                "list.")
     if any(m not in TORCH_MODES for m in args.torch_mode_list):
         p.error("--torch-modes takes eager, compile or eager,compile.")
     return args
@@ -729,12 +740,12 @@ def main(argv: list[str] | None = None) -> dict:
                 data = (to_device(images_np), to_device(labels_np))
                 runners: dict[tuple, Any] = {}
                 for augment in args.augment_list:
-                    if augment == "fixmatch":
+                    if augment in ("fixmatch", "freematch"):
                         if not args.no_keras:
                             config = make_config(args.widths_tuple)
                             runners["keras", keras_mode(), augment] = fixmatch_runner(
-                                config, args, precision, data, rng)
-                        continue  # no PyTorch peer of the FixMatch step
+                                config, args, precision, data, rng, augment)
+                        continue  # no PyTorch peer of these steps
                     if not args.no_keras:
                         config = make_config(args.widths_tuple, augment=augment)
                         runners["keras", keras_mode(), augment] = keras_runner(
