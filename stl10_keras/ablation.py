@@ -1,7 +1,8 @@
 """`python -m stl10_keras.ablation`: the lab's Table 1 and Figure 8.
 
 Trains the lab's four variants (baseline, +A, +A+Kmeans1, +A+Kmeans1&2; with
-`--variants all` also fixmatch, beyond the lab) with everything else
+`--variants all` also every training method that learns from the unlabeled
+images, beyond the lab: fixmatch, freematch, self_training) with everything else
 identical, N seeds each, one run directory per run:
 
     DIR/VARIANT_sSEED/      an ordinary training run (see `stl10_keras.train`)
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -36,6 +36,7 @@ from stl10_keras import errors, flags, runtime, sources
 from stl10_keras.config import Config
 from stl10_keras.errors import ConfigError, UserError
 from stl10_keras.io_utils import (
+    atomic_directory,
     atomic_write_json,
     atomic_write_text,
     check_output_dir,
@@ -47,8 +48,21 @@ VARIANT_LABELS = {
     "augment": "+A",
     "kmeans1": "+A+Kmeans1",
     "kmeans12": "+A+Kmeans1&2",
-    "fixmatch": "+A+Kmeans1&2+FixMatch (beyond the lab)",
 }
+METHOD_LABELS = {"fixmatch": "FixMatch", "freematch": "FreeMatch",
+                 "self_training": "self-training"}
+
+
+def variant_label(variant: str) -> str:
+    """The table's name of a variant: the lab's, or a method on top of its base
+    (`+A+Kmeans1&2+FixMatch (beyond the lab)`)."""
+    if variant in VARIANT_LABELS:
+        return VARIANT_LABELS[variant]
+    from stl10_keras import methods
+
+    base = VARIANT_LABELS[methods.get(variant).base_variant]
+    name = METHOD_LABELS.get(variant, variant)
+    return f"{'' if base == 'baseline' else base}+{name} (beyond the lab)"
 # The lab's Table 1: STL-10 validation accuracy (%), 4,000 train / 1,000 validation.
 LAB_VAL_ACCURACY_PCT = {"baseline": 71.4, "augment": 80.9, "kmeans1": 83.9,
                         "kmeans12": 84.4}
@@ -116,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m stl10_keras.ablation",
         description="The lab's Table 1 and Figure 8: train the four variants "
                     "(baseline, augment, kmeans1, kmeans12; --variants all adds "
-                    "fixmatch) with everything else "
+                    "every training method) with everything else "
                     "identical, N seeds each, and tabulate their accuracies. "
                     "Every variant of --variants and seeds 0..N-1 are trained, so "
                     "train's variant, seed and augmentation switches do not apply.",
@@ -130,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("ablation")
     g.add_argument("--variants", type=parse_variants, default=cfg.VARIANTS,
                    help="the table's columns: comma-separated, or all (the lab's "
-                        "four + fixmatch); default the lab's four")
+                        "four + every training method); default the lab's four")
     g.add_argument("--seeds", type=int, default=3,
                    help="seeds per variant: 0..N-1 (default 3)")
     g.add_argument("--variant-seeds", type=parse_variant_seeds, default={},
@@ -329,7 +343,7 @@ def summarize(
         val = [m["val_accuracy"] for m in runs]
         walls = [m["wall_seconds"] for m in runs]
         entry = {
-            "label": VARIANT_LABELS[variant],
+            "label": variant_label(variant),
             "seeds": vseeds,
             "run_dirs": [str(ablation_dir / run_name(variant, s)) for s in vseeds],
             "val_accuracy": _stats(val),
@@ -405,8 +419,9 @@ def protocol_sentence(summary: dict) -> str:
             f"{_plural(p['epochs'], 'epoch')}, "
             f"widths {widths}, {seed_text}; the variants differ only in "
             "augmentation and k-means initialisation"
-            + (" (and fixmatch in training on the unlabeled images too, "
-               "docs/semi-supervised.md)." if "fixmatch" in p["variants"] else "."))
+            + (" (and the methods beyond the lab in training on the unlabeled "
+               "images too, docs/semi-supervised.md)."
+               if set(p["variants"]) - set(cfg.VARIANTS) else "."))
 
 
 def render_markdown(summary: dict) -> str:
@@ -513,7 +528,7 @@ def save_figure8(summary: dict, path: Path) -> None:
     for i, v in enumerate(variants):
         if v not in LAB_VAL_ACCURACY_PCT:
             ax.patches[i].set_hatch("//")
-    ax.set_xticks(x, [VARIANT_LABELS[v].replace(" (beyond", "\n(beyond")
+    ax.set_xticks(x, [variant_label(v).replace(" (beyond", "\n(beyond")
                       for v in variants], fontsize=8)
     ax.set_ylabel("validation accuracy over baseline (pp)")
     bars = "error bars: std over seeds" if has_std else "one seed: no error bars"
@@ -578,21 +593,17 @@ def write_hparams(ablation_dir: Path, name: str, config: Config,
                 ],
             )
         writer.close()
-    final = logs / name
-    tmp = logs / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    writer = tf.summary.create_file_writer(str(tmp))
     stages = ",".join(str(s) for s in config.kmeans.stages) or "none"
-    with writer.as_default():
-        hp.hparams({"variant": config.variant, "seed": config.train.seed,
-                    "augment": config.augment.enabled, "kmeans_stages": stages,
-                    "epochs": config.train.epochs}, trial_id=name)
-        step = config.train.epochs
-        for key in ("val_accuracy", "test_accuracy", "wall_seconds"):
-            tf.summary.scalar(key, metrics[key], step=step)
-    writer.close()
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_directory(logs / name, temp=logs / f".tmp-{name}") as tmp:
+        writer = tf.summary.create_file_writer(str(tmp))
+        with writer.as_default():
+            hp.hparams({"variant": config.variant, "seed": config.train.seed,
+                        "augment": config.augment.enabled, "kmeans_stages": stages,
+                        "epochs": config.train.epochs}, trial_id=name)
+            step = config.train.epochs
+            for key in ("val_accuracy", "test_accuracy", "wall_seconds"):
+                tf.summary.scalar(key, metrics[key], step=step)
+        writer.close()
 
 
 def _hparams_current(ablation_dir: Path, name: str, run_dir: Path) -> bool:
@@ -636,7 +647,7 @@ def run_ablation(
             config = plan[(variant, seed)]
             name = run_name(variant, seed)
             run_dir = ablation_dir / name
-            prefix = (f"[{index}/{total}] {VARIANT_LABELS[variant]} ({variant}), "
+            prefix = (f"[{index}/{total}] {variant_label(variant)} ({variant}), "
                       f"seed {seed}")
             if (run_dir / "metrics.json").exists():
                 log(f"{prefix}: skipped (finished)")

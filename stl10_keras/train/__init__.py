@@ -438,9 +438,8 @@ def _finish(config: Config, run: _Run, splits, fitted: _Fitted,
     test_accuracy = _accuracy(model, splits.x_test, splits.y_test)
     model_path = run.dir / "model.keras"
     if dist.is_chief:
-        tmp_model = run.dir / ".model.tmp.keras"
-        model.save(tmp_model)
-        os.replace(tmp_model, model_path)
+        with atomic_output(model_path, suffix=".keras") as tmp:
+            model.save(tmp)
         filters_figure(model, run.dir)
 
     exported = None
