@@ -80,9 +80,12 @@ def test_a_run_trains_its_teacher_keeps_its_pseudo_labels_and_reuses_a_teacher(
     # The student trained on labels + pseudo-labels: more steps per epoch.
     assert len(splits.y_train) + summary["kept"] > len(splits.y_train)
     # A finished run's teacher serves another run: no teacher trained there.
+    # With --student-init teacher the student starts from its weights.
     other = tmp_path / "other"
-    proc = _cli(*TINY, "--teacher", str(run), "--run-dir", str(other))
+    proc = _cli(*TINY, "--teacher", str(run), "--student-init", "teacher",
+                "--verbose", "2", "--run-dir", str(other))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not (other / "teacher").exists()
+    assert f"starting from the weights of {run / 'model.keras'}" in proc.stdout
     assert json.loads((other / "pseudo_labels.json").read_text())["teacher"] == str(
         run / "model.keras")

@@ -109,6 +109,11 @@ class Method:
         on (by default `splits`)."""
         return splits
 
+    def initial_weights(self) -> str | None:
+        """A finished run (or its `model.keras`) whose weights the model starts
+        from instead of a random or k-means initialisation: `--init-from`."""
+        return self.config.semi_supervised.init_from
+
     def epochs(self, splits) -> int:
         """Epochs `fit` trains on `splits` (the prepared ones)."""
         return self.config.train.epochs

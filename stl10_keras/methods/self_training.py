@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 PSEUDO_LABELS = "pseudo_labels.npz"
 PSEUDO_SUMMARY = "pseudo_labels.json"
 SELECTIONS = ("per-class", "threshold")
+STUDENT_INITS = ("scratch", "teacher")
 
 
 @dataclass
@@ -67,6 +68,10 @@ class SelfTrainingConfig:
         "--pseudo-threshold")
     rounds: int = option(
         1, "teacher -> student rounds; each student teaches the next", "--rounds")
+    student_init: str = option(
+        "scratch", "scratch: the student starts as any run does (random or k-means "
+        "weights, or --init-from); teacher: from the last teacher's weights (same "
+        "network only)", "--student-init", choices=STUDENT_INITS)
     student_epochs: int | None = option(
         None, "the student's passes over labeled + pseudo-labeled images (default: "
         "as many steps as the run's --epochs over the labeled images)",
@@ -107,7 +112,14 @@ class SelfTraining(Supervised):
         labeled = len(splits.y_train) - self.kept
         return max(1, math.ceil(t.epochs * labeled / len(splits.y_train)))
 
+    def initial_weights(self) -> str | None:
+        if self.options.student_init == "teacher":
+            return self.teacher
+        return super().initial_weights()
+
     def prepare(self, splits, verbose: int = 1):
+        from stl10_keras.io_utils import read_json
+
         splits = super().prepare(splits, verbose)
         path = Path(self.run_dir) / PSEUDO_LABELS
         if not path.exists():
@@ -117,6 +129,7 @@ class SelfTraining(Supervised):
         with np.load(path) as stored:
             indices, labels = stored["indices"], stored["labels"]
         self.kept = len(indices)
+        self.teacher = read_json(path.with_name(PSEUDO_SUMMARY))["teacher"]
         images = gather_unlabeled(splits, indices)
         return dataclasses.replace(
             splits, x_train=np.concatenate([splits.x_train, images]),

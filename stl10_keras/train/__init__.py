@@ -286,10 +286,11 @@ def _fit(config: Config, run: _Run, method: methods.Method, splits,
     # distribution scope (a no-op without --distribution).
     with dist.scope():
         model = build_model(config, splits.image_shape)
-        if config.semi_supervised.init_from:
+        start = method.initial_weights()
+        if start:
             kmeans_info = None  # the finished run's weights replace any
             if not resuming:
-                _init_from(config.semi_supervised.init_from, model, verbose)
+                _init_from(start, model, verbose)
         else:
             kmeans_info = _kmeans_init(config, model, splits, run.dir, resuming,
                                        kmeans_result)
