@@ -7,7 +7,7 @@ protobuf text format (`--batching-parameters-file`, the same file TF Serving's
 TF Serving's `BatchingSession` (TensorFlow's `SharedBatchScheduler`):
 
     max_batch_size 1000, batch_timeout_micros 0, max_enqueued_batches 10,
-    num_batch_threads = the CPU count, thread_pool_name "batch_threads",
+    num_batch_threads = the CPUs this process may use, thread_pool_name "batch_threads",
     allowed_batch_sizes none, pad_variable_length_inputs false,
     enable_large_batch_splitting false (max_execution_batch_size = max_batch_size)
 
@@ -69,8 +69,7 @@ class BatchingOptions:
     max_batch_size: int = 1000
     batch_timeout_micros: int = 0
     max_enqueued_batches: int = 10
-    num_batch_threads: int = dataclasses.field(
-        default_factory=lambda: os.cpu_count() or 1)
+    num_batch_threads: int = dataclasses.field(default_factory=lambda: _cpus())
     thread_pool_name: str = "batch_threads"
     allowed_batch_sizes: tuple[int, ...] = ()
     pad_variable_length_inputs: bool = False
@@ -83,6 +82,13 @@ class BatchingOptions:
         if self.enable_large_batch_splitting and self.max_execution_batch_size:
             return self.max_execution_batch_size
         return self.max_batch_size
+
+
+def _cpus() -> int:
+    """The CPUs this process may run on (TF's `port::MaxParallelism()`)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def options_from_message(message: Any, where: str = "the batching parameters"

@@ -47,8 +47,17 @@ class ServingMetrics:
     """
 
     def __init__(self) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            disable_created_metrics,
+        )
 
+        # No `*_created` series beside each counter and histogram (TF Serving
+        # has none); a process-wide switch, which suits a server process.
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         prefix = ":tensorflow:serving:"
         batching = prefix + "batching_session:"
