@@ -357,7 +357,7 @@ def reference(exported):
 
 
 @contextmanager
-def servers(base, options=None, timeout_ms=30000):
+def servers(base, options=None, timeout_ms=30000, metrics_path=METRICS_PATH):
     """REST and gRPC servers sharing one repository, metrics and runner."""
     repository = ModelRepository(base, NAME)
     repository.start()
@@ -365,8 +365,8 @@ def servers(base, options=None, timeout_ms=30000):
     runner = DirectRunner() if options is None else Batcher(options, metrics)
     try:
         with rest_server(repository, threads=32, max_body_bytes=2**22,
-                         runner=runner, metrics=metrics,
-                         timeout_ms=timeout_ms) as rest, \
+                         runner=runner, metrics=metrics, timeout_ms=timeout_ms,
+                         metrics_path=metrics_path) as rest, \
                 GrpcServer(repository, "127.0.0.1", 0, threads=32,
                            max_message_bytes=2**22, runner=runner,
                            metrics=metrics) as server:
@@ -374,7 +374,7 @@ def servers(base, options=None, timeout_ms=30000):
             try:
                 yield (f"{rest.url}/v1/models/{NAME}",
                        prediction_service_pb2_grpc.PredictionServiceStub(channel),
-                       f"{rest.url}{METRICS_PATH}")
+                       f"{rest.url}{metrics_path or METRICS_PATH}")
             finally:
                 channel.close()
     finally:
