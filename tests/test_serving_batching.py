@@ -9,10 +9,12 @@ reads off the metrics page.
 """
 
 import base64
+import http.client
 import io
 import json
 import os
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -31,7 +33,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from conftest import rest_server
+from conftest import rest_server, serve_cli
 from stl10_keras.config import preset
 from stl10_keras.errors import UsageError
 from stl10_keras.export import export_saved_model
@@ -559,3 +561,112 @@ def test_unbatched_a_rest_request_past_the_timeout_is_a_504(exported):
 
 def test_options_from_a_message_without_fields_are_the_defaults():
     assert options_from_message(batching_parameters_class()()) == BatchingOptions()
+
+
+# --- a flood, through the command line ------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    """The process' resident memory now (`VmRSS` of /proc/PID/status), in MB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) / 1024
+
+
+QUEUE_FULL = re.compile(r"The batching queue is full \(\d+ batches enqueued, "
+                        r"max_enqueued_batches is 2\); send the request again later\.")
+
+
+@pytest.mark.e2e
+def test_a_flood_of_ten_times_the_queue_is_refused_and_memory_stays_bounded(
+        exported, reference, tmp_path):
+    batching = tmp_path / "batching.txt"
+    batching.write_text("max_batch_size { value: 4 }\nmax_enqueued_batches { value: 2 }"
+                        "\nnum_batch_threads { value: 1 }\n")
+    monitoring = tmp_path / "monitoring.txt"
+    monitoring.write_text('prometheus_config { enable: true, path: "/metrics" }\n')
+    capacity = 2 * 4  # max_enqueued_batches x max_batch_size requests of one image
+    clients = 10 * capacity  # half REST, half gRPC, each sending in a loop
+    x = images(11, 1)
+    want = reference["serving_default"](images=tf.constant(x))["probabilities"]
+    body = json.dumps({"instances": x.tolist()}).encode()
+    port = _free_port()
+    with serve_cli("--model-base-path", str(exported), "--model-name", NAME,
+                   "--port", "0", "--grpc-port", str(port), "--threads", "64",
+                   "--enable-batching", "--batching-parameters-file", str(batching),
+                   "--monitoring-config-file", str(monitoring),
+                   with_process=True) as (line, proc):
+        root = line.split(" at ", 1)[1].split("/v1/", 1)[0]
+        url = f"{root}/v1/models/{NAME}"
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        request = grpc_request(images=x)
+        for _ in range(5):  # warm both paths up before the baseline
+            assert rest(url, {"instances": x.tolist()})[0] == 200
+            stub.Predict(request, timeout=60)
+        before = rss_mb(proc.pid)
+        outcomes, samples, stop = [], [before], threading.Event()
+
+        def sample():
+            while not stop.wait(0.05):
+                samples.append(rss_mb(proc.pid))
+
+        def rest_client():
+            host, port_text = root.removeprefix("http://").rsplit(":", 1)
+            connection = http.client.HTTPConnection(host, int(port_text), timeout=60)
+            while not stop.is_set():
+                connection.request("POST", f"/v1/models/{NAME}:predict", body)
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+                outcomes.append(("REST", response.status,
+                                 answer.get("error") or answer["predictions"][0]))
+
+        def grpc_client():
+            while not stop.is_set():
+                try:
+                    response = stub.Predict(request, timeout=60)
+                    outcomes.append(("gRPC", "OK", tf.make_ndarray(
+                        response.outputs["probabilities"])[0]))
+                except grpc.RpcError as e:
+                    outcomes.append(("gRPC", e.code().name, e.details()))
+
+        threads = [threading.Thread(target=sample)] + [
+            threading.Thread(target=rest_client if i % 2 else grpc_client)
+            for i in range(clients)]
+        for thread in threads:
+            thread.start()
+        time.sleep(4.0)
+        stop.set()
+        for thread in threads:
+            thread.join(120)
+        after = rss_mb(proc.pid)
+        samples_page = scrape(f"{root}/metrics")
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            _OPENER.open(f"{root}{METRICS_PATH}", timeout=60)
+        assert missing.value.code == 404
+        channel.close()
+    answered = [o for o in outcomes if o[1] in (200, "OK")]
+    refused = {"REST": [o for o in outcomes if o[:2] == ("REST", 503)],
+               "gRPC": [o for o in outcomes if o[:2] == ("gRPC", "UNAVAILABLE")]}
+    assert len(answered) + len(refused["REST"]) + len(refused["gRPC"]) == len(
+        outcomes), {o[:2] for o in outcomes}
+    assert answered and refused["REST"] and refused["gRPC"]
+    for _, _, sentence in refused["REST"] + refused["gRPC"]:
+        assert QUEUE_FULL.fullmatch(sentence), sentence
+    for kind, _, answer in answered:
+        probabilities = answer["probabilities"] if kind == "REST" else answer
+        np.testing.assert_allclose(probabilities, want[0], rtol=1e-5, atol=1e-6)
+    unavailable = value(samples_page, PREFIX + "request_count_total",
+                        status="UNAVAILABLE")
+    assert unavailable == len(refused["REST"]) + len(refused["gRPC"])
+    peak = max(samples)
+    print(f"\nflood of {clients} clients (10x the queue's {capacity} requests), "
+          f"4 s: {len(answered)} answered, {len(refused['REST'])} REST 503, "
+          f"{len(refused['gRPC'])} gRPC UNAVAILABLE; server RSS {before:.0f} MB "
+          f"before, peak {peak:.0f} MB ({len(samples)} samples), {after:.0f} MB "
+          "after")
+    assert peak - before < 100, (before, peak)
