@@ -49,7 +49,10 @@ from stl10_keras.serving.batching import (
 from stl10_keras.serving.errors import RequestError
 from stl10_keras.serving.grpc import GrpcServer
 from stl10_keras.serving.metrics import METRICS_PATH, ServingMetrics
-from stl10_keras.serving.protos import batching_parameters_class, monitoring_config_class
+from stl10_keras.serving.protos import (
+    batching_parameters_class,
+    monitoring_config_class,
+)
 from stl10_keras.serving.repository import ModelRepository
 
 NAME = "digits"

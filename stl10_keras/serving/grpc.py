@@ -5,10 +5,10 @@ client written for TF Serving (`prediction_service_pb2_grpc.PredictionServiceStu
 `tf.make_tensor_proto`) works unchanged. Status codes are TF Serving's:
 NOT_FOUND for an unknown model or version, INVALID_ARGUMENT for a bad request
 (dtype, shape, undecodable image, unknown label or signature, Classify/Regress on
-a predict-only model), RESOURCE_EXHAUSTED over the size limit, UNAVAILABLE when the batching queue is
-full, DEADLINE_EXCEEDED for a request whose deadline passed before it was
-computed (it is not computed). INTERNAL is kept for a bug in this server; a
-client's mistake never gets it.
+a predict-only model), RESOURCE_EXHAUSTED over the size limit, UNAVAILABLE when
+the batching queue is full, DEADLINE_EXCEEDED for a request whose deadline
+passed before it was computed (it is not computed). INTERNAL is kept for a bug
+in this server; a client's mistake never gets it.
 """
 
 from __future__ import annotations
