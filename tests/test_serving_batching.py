@@ -15,6 +15,8 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -33,7 +35,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from conftest import rest_server, serve_cli
+from conftest import ROOT, rest_server, serve_cli, subprocess_env
 from stl10_keras.config import preset
 from stl10_keras.errors import UsageError
 from stl10_keras.export import export_saved_model
@@ -673,3 +675,25 @@ def test_a_flood_of_ten_times_the_queue_is_refused_and_memory_stays_bounded(
           f"before, peak {peak:.0f} MB ({len(samples)} samples), {after:.0f} MB "
           "after")
     assert peak - before < 100, (before, peak)
+
+
+@pytest.mark.parametrize("flag, text, words", [
+    ("--batching-parameters-file", "max_batch_size { value: 8 }\nmax_batch: 3\n",
+     "is not a BatchingParameters text proto (2:1 :"),
+    ("--batching-parameters-file", "num_batch_threads { value: 0 }",
+     "num_batch_threads must be positive; it is 0."),
+    ("--monitoring-config-file", "prometheus_config { enable: yes }",
+     "is not a MonitoringConfig text proto"),
+])
+def test_the_command_refuses_a_bad_config_file_in_one_line(exported, tmp_path, flag,
+                                                           text, words):
+    path = tmp_path / "config.txt"
+    path.write_text(text)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stl10_keras.serve", "--model-base-path",
+         str(exported), "--enable-batching", flag, str(path)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and words in lines[0] and str(path) in lines[0], lines
