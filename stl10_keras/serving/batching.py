@@ -170,9 +170,11 @@ class Deadline:
     message: str
 
     def remaining(self) -> float:
+        """Seconds left (negative once passed)."""
         return self.at - time.monotonic()
 
     def error(self) -> RequestError:
+        """The 504 / DEADLINE_EXCEEDED answer of a late request."""
         return RequestError(504, self.message)
 
 
