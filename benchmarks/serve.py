@@ -3,8 +3,8 @@ loopback, beside the in-process signature call on the same batches.
 
     PYTHONPATH=. python benchmarks/serve.py [--preset default|smoke] \\
         [--clients 1,4,16] [--batches 1,32] [--seconds 10] \\
-        [--signatures default,bytes] [--threads 8] \\
-        [--model-base-path saved_models/NAME]
+        [--signatures default,bytes] [--threads 8] [--batching off,on] \\
+        [--batching-parameters-file FILE] [--model-base-path saved_models/NAME]
 
 Exports a digits-sized model (32x32x3 input; the `default` preset's widths
 64..512, or `smoke`; untrained weights, which do not change the speed) into a
@@ -20,9 +20,16 @@ a channel each (gRPC, `PredictionServiceStub.Predict` with
 `--batches` random images per request, as uint8 (`serving_default`) or PNG
 bytes (`serving_bytes`).
 
-Prints a markdown table: requests, req/s, images/s, p50 and p99 latency, and
-errors (a failed call or a wrong number of predictions); the exit code is 1 if
-any error occurred.
+`--batching off,on` runs the REST and gRPC rows against two servers, one
+started without and one with `--enable-batching` (and the
+`--batching-parameters-file`, by default max_batch_size 32,
+batch_timeout_micros 2000, max_enqueued_batches 1000, num_batch_threads 1).
+First, the upper bound is measured: the in-process signature on batches of 32
+images, one client; each row's images/s is also given as a fraction of it.
+
+Prints a markdown table: requests, req/s, images/s, its fraction of the bound,
+p50 and p99 latency, and errors (a failed call or a wrong number of
+predictions); the exit code is 1 if any error occurred.
 """
 
 from __future__ import annotations
@@ -51,6 +58,17 @@ from _common import cpu_name
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "bench"
 FRONT_ENDS = ("in-process", "REST", "gRPC")
+#: The in-process batch size whose images/s is the upper bound.
+BOUND_BATCH = 32
+#: The batching file of the `on` rows unless --batching-parameters-file: one
+#: batch thread (TensorFlow already spreads one batch over the cores), 2 ms for
+#: a batch to fill (TF Serving's guide suggests trying 1-10 ms on CPUs), and a
+#: queue long enough never to refuse the benchmark's clients.
+BATCHING = """max_batch_size { value: 32 }
+batch_timeout_micros { value: 2000 }
+max_enqueued_batches { value: 1000 }
+num_batch_threads { value: 1 }
+"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -70,6 +88,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="default (uint8 images) and/or bytes (PNG)")
     parser.add_argument("--front-ends", default=",".join(FRONT_ENDS),
                         help="in-process, REST and/or gRPC")
+    parser.add_argument("--batching", default="off",
+                        help="off and/or on: servers without and with "
+                             "--enable-batching")
+    parser.add_argument("--batching-parameters-file", default=None,
+                        help="the batching server's file (default: max_batch_size "
+                             "32, batch_timeout_micros 2000, num_batch_threads 1)")
     args = parser.parse_args(argv)
     try:
         args.batches = [int(b) for b in args.batches.split(",")]
@@ -79,12 +103,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                      "--clients too, e.g. 1,4,16.")
     args.signatures = args.signatures.split(",")
     args.front_ends = args.front_ends.split(",")
+    args.batching = args.batching.split(",")
     if (min(args.batches) < 1 or min(args.clients) < 1
             or not set(args.signatures) <= {"default", "bytes"}
-            or not set(args.front_ends) <= set(FRONT_ENDS)):
+            or not set(args.front_ends) <= set(FRONT_ENDS)
+            or not set(args.batching) <= {"off", "on"}):
         parser.error("--clients and --batches must be positive; --signatures takes "
                      "default and/or bytes; --front-ends takes in-process, REST "
-                     "and/or gRPC.")
+                     "and/or gRPC; --batching takes off and/or on.")
     return args
 
 
@@ -108,7 +134,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(base: Path, threads: int) -> tuple[subprocess.Popen, str, str]:
+def start_server(base: Path, threads: int, extra: list[str] | None = None
+                 ) -> tuple[subprocess.Popen, str, str]:
     """The server in a subprocess; returns it, its REST `host:port` and gRPC's."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
     # stderr to a file, not a pipe: nobody reads it while the server runs, and
@@ -117,7 +144,7 @@ def start_server(base: Path, threads: int) -> tuple[subprocess.Popen, str, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "stl10_keras.serve", "--model-base-path", str(base),
          "--model-name", NAME, "--port", "0", "--grpc-port", str(_free_port()),
-         "--threads", str(threads), "--max-body-mb", "64"],
+         "--threads", str(threads), "--max-body-mb", "64", *(extra or [])],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
     if not select.select([proc.stdout], [], [], 300)[0]:
         proc.kill()
@@ -282,6 +309,22 @@ def run_row(make: Callable[[], Callable[[], bool]], batch: int, clients: int,
     }
 
 
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def print_row(front: str, label: str, batch: int, clients: int, batching: str,
+              row: dict, bound: float) -> None:
+    print(f"| {front} | {label} | {batch} | {clients} | {batching} | "
+          f"{row['requests']} | {row['rps']:.1f} | {row['ips']:.1f} | "
+          f"{row['ips'] / bound:.2f} | {row['p50']:.1f} | {row['p99']:.1f} | "
+          f"{row['errors']} |", flush=True)
+
+
 def main() -> int:
     args = parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -289,43 +332,62 @@ def main() -> int:
             base, what = Path(args.model_base_path), args.model_base_path
         else:
             base, what = export_model(args.preset, Path(tmp)), f"{args.preset} preset"
-        proc, rest, grpc_address = start_server(base, args.threads)
+        batching_file = args.batching_parameters_file
+        if batching_file is None:
+            batching_file = Path(tmp) / "batching.txt"
+            batching_file.write_text(BATCHING)
+        servers: dict[str, tuple[subprocess.Popen, str, str]] = {}
         errors = 0
         try:
+            for mode in args.batching:
+                extra = (["--enable-batching", "--batching-parameters-file",
+                          str(batching_file)] if mode == "on" else [])
+                servers[mode] = start_server(base, args.threads, extra)
+            rest = next(iter(servers.values()))[1]
             shape = input_shape(rest, "serving_default")
-            images = make_images(shape, max(args.batches))
+            images = make_images(shape, max(*args.batches, BOUND_BATCH))
             load_before = os.getloadavg()[0]
+            bound_row = run_row(in_process_client(base, images[:BOUND_BATCH],
+                                                  "default"),
+                                BOUND_BATCH, 1, args.seconds)
+            bound = bound_row["ips"]
             print(f"# Model server benchmark, {datetime.date.today()}, {cpu_name()}, "
                   f"{os.cpu_count()} CPUs; model {what} "
                   f"({'x'.join(map(str, shape))} uint8 input), {args.threads} server "
                   f"threads, {args.seconds:g} s per row\n", flush=True)
-            print("| front end | request | batch | clients | requests | req/s | "
-                  "images/s | p50 ms | p99 ms | errors |")
-            print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
-            clients_of = {"in-process": lambda b, s: in_process_client(base, b, s),
-                          "REST": lambda b, s: rest_client(rest, b, s),
-                          "gRPC": lambda b, s: grpc_client(grpc_address, b, s)}
+            print(f"Upper bound: the in-process signature on batches of "
+                  f"{BOUND_BATCH}, 1 client: {bound:.1f} images/s (p50 "
+                  f"{bound_row['p50']:.1f} ms, p99 {bound_row['p99']:.1f} ms).\n")
+            if "on" in servers:
+                print("Batching (the `on` rows): " + " ".join(
+                    Path(batching_file).read_text().split()) + "\n")
+            print("| front end | request | batch | clients | batching | requests | "
+                  "req/s | images/s | of bound | p50 ms | p99 ms | errors |")
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
             for signature in args.signatures:
                 label = "uint8" if signature == "default" else "PNG bytes"
                 for batch in args.batches:
+                    x = images[:batch]
                     for front in args.front_ends:
-                        make = clients_of[front](images[:batch], signature)
-                        for clients in args.clients:
-                            row = run_row(make, batch, clients, args.seconds)
-                            errors += row["errors"]
-                            print(f"| {front} | {label} | {batch} | {clients} | "
-                                  f"{row['requests']} | {row['rps']:.1f} | "
-                                  f"{row['ips']:.1f} | {row['p50']:.1f} | "
-                                  f"{row['p99']:.1f} | {row['errors']} |",
-                                  flush=True)
+                        runs = ([("-", None)] if front == "in-process" else
+                                [(mode, servers[mode]) for mode in args.batching])
+                        for mode, server in runs:
+                            if front == "in-process":
+                                make = in_process_client(base, x, signature)
+                            elif front == "REST":
+                                make = rest_client(server[1], x, signature)
+                            else:
+                                make = grpc_client(server[2], x, signature)
+                            for clients in args.clients:
+                                row = run_row(make, batch, clients, args.seconds)
+                                errors += row["errors"]
+                                print_row(front, label, batch, clients, mode, row,
+                                          bound)
             print(f"\n1-min load average {load_before:.1f} before, "
                   f"{os.getloadavg()[0]:.1f} after")
         finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            for proc, _, _ in servers.values():
+                stop_server(proc)
     return 1 if errors else 0
 
 

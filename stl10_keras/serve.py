@@ -11,6 +11,9 @@ Serving client works unchanged, over REST (`--port`, 8501):
 and over gRPC (`--grpc-port`, 8500): `PredictionService` (Predict,
 GetModelMetadata) and `ModelService.GetModelStatus`. The highest version that
 loads is served; a poller picks up a newly pushed version without a restart.
+`--enable-batching` merges concurrent predictions of both APIs into batches
+(TF Serving's `--batching_parameters_file` format); Prometheus metrics are at
+/monitoring/prometheus/metrics on the REST port.
 A client's mistake gets a 4xx (or TF Serving's gRPC code) and one sentence.
 See docs/serving.md.
 """

@@ -93,17 +93,19 @@ def rest_server(repository, **server_args):
 
 
 @contextmanager
-def serve_cli(*args):
+def serve_cli(*args, with_process=False):
     """`python -m stl10_keras.serve ARGS` in a subprocess: yields its first
-    stdout line (the "Serving ..." line, once it listens; bounded wait), then
-    stops it with Ctrl-C and checks that it stopped cleanly."""
+    stdout line (the "Serving ..." line, once it listens; bounded wait), or
+    `(line, process)` with `with_process`, then stops it with Ctrl-C and checks
+    that it stopped cleanly."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "stl10_keras.serve", *args], cwd=ROOT,
         env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
     try:
         assert select.select([proc.stdout], [], [], 180)[0], "no output in 180 s"
-        yield proc.stdout.readline()
+        line = proc.stdout.readline()
+        yield (line, proc) if with_process else line
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:

@@ -8,6 +8,7 @@ import base64
 import http.client
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -575,6 +576,7 @@ def test_cli_serves_and_stops_cleanly_on_ctrl_c(exported):
     (["--threads", "0"], 2, "--threads"),
     (["--clients", "1,0"], 2, "--clients"),
     (["--front-ends", "REST,soap"], 2, "--front-ends"),
+    (["--batching", "off,maybe"], 2, "--batching takes off and/or on"),
     # The server's own sentence, not "the server did not start ('')".
     (["--model-base-path", "{tmp}/missing"], 1, "{tmp}/missing does not exist"),
 ])
@@ -602,3 +604,22 @@ def test_serve_benchmark_measures_both_front_ends_and_the_signature():
     assert sorted(r[0].strip() for r in rows) == ["REST", "gRPC", "in-process"]
     for row in rows:
         assert row[2].strip() == "2" and row[-1].strip() == "0", row
+
+
+@pytest.mark.e2e
+def test_serve_benchmark_compares_batching_off_and_on_beside_the_bound():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "serve.py"), "--preset", "smoke",
+         "--seconds", "0.3", "--batches", "1", "--clients", "4",
+         "--batching", "off,on", "--front-ends", "REST,gRPC"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]]
+            for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| front end")]
+    assert sorted((r[0], r[4]) for r in rows) == [
+        ("REST", "off"), ("REST", "on"), ("gRPC", "off"), ("gRPC", "on")]
+    bound = float(re.search(r"Upper bound: .* ([\d.]+) images/s", proc.stdout)[1])
+    for row in rows:
+        assert row[-1] == "0", row
+        assert float(row[8]) == pytest.approx(float(row[7]) / bound, abs=0.006)

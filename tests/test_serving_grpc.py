@@ -408,3 +408,20 @@ def test_a_grey_28x28_model_is_served_with_its_own_shape(tmp_path):
         np.testing.assert_array_equal(by_png["probabilities"], got["probabilities"])
         wrong = grpc_error(prediction, "Predict", predict_request(images=GOOD))
         assert wrong[0] == INVALID and "[N, 28, 28, 1]" in wrong[1]
+
+
+def _strings(*values):
+    array = np.empty(len(values), object)
+    array[:] = values
+    return array
+
+
+@pytest.mark.parametrize("array", [
+    np.array([3]), np.array([3], np.int32), np.float32([[0.5]]),
+    np.random.default_rng(0).random((5, 10), np.float32), np.zeros((2, 3), np.uint8),
+    _strings(b"3"), _strings(b"7", b"x\x00"), np.array([True]),
+    np.zeros((0, 10), np.float32)])
+def test_output_protos_are_the_ones_make_tensor_proto_makes(array):
+    from stl10_keras.serving.codec import tensor_proto
+
+    assert tensor_proto(array) == tf.make_tensor_proto(array)

@@ -13,7 +13,12 @@ from typing import Callable, Sequence, TypeVar
 
 from stl10_keras import errors, flags, runtime
 from stl10_keras.serving.repository import DEFAULT_SETTLE_SECONDS, ModelRepository
-from stl10_keras.serving.rest import DEFAULT_MAX_BODY_MB, DEFAULT_THREADS, ModelServer
+from stl10_keras.serving.rest import (
+    DEFAULT_MAX_BODY_MB,
+    DEFAULT_THREADS,
+    DEFAULT_TIMEOUT_MS,
+    ModelServer,
+)
 from stl10_keras.serving.server import Server
 
 #: The longest --poll-seconds and --settle-seconds (a day): a longer wait ends
@@ -107,6 +112,25 @@ def build_parser() -> argparse.ArgumentParser:
                         help="add CORS headers (Access-Control-Allow-Origin: *) to "
                              "REST responses and answer OPTIONS preflights, as TF "
                              "Serving's --rest_api_enable_cors_support")
+    parser.add_argument("--enable-batching", action="store_true",
+                        help="merge concurrent predictions (REST and gRPC) into "
+                             "batches, as TF Serving's --enable_batching")
+    parser.add_argument("--batching-parameters-file", metavar="FILE",
+                        help="TF Serving's BatchingParameters in protobuf text "
+                             "format (max_batch_size, batch_timeout_micros, "
+                             "max_enqueued_batches, num_batch_threads, "
+                             "allowed_batch_sizes, ...), as its "
+                             "--batching_parameters_file; with --enable-batching")
+    parser.add_argument("--rest-api-timeout-in-ms", type=flags.number(
+                            int, 0, 24 * 3600 * 1000), default=DEFAULT_TIMEOUT_MS,
+                        metavar="MS",
+                        help="a REST prediction not answered within this time gets "
+                             f"HTTP 504 (default {DEFAULT_TIMEOUT_MS}, as TF "
+                             "Serving's --rest_api_timeout_in_ms; 0: no limit)")
+    parser.add_argument("--monitoring-config-file", metavar="FILE",
+                        help="TF Serving's MonitoringConfig in protobuf text format: "
+                             "prometheus_config { enable, path } (default: metrics "
+                             "at /monitoring/prometheus/metrics)")
     return parser
 
 
@@ -150,21 +174,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def _metrics_path(path: str | None) -> str | None:
+    """Where the Prometheus page is served: TF Serving's default path, or what a
+    --monitoring-config-file says (None: `enable: false`, no page)."""
+    from stl10_keras.serving.metrics import METRICS_PATH
+    from stl10_keras.serving.protos import monitoring_config_class, read_text_proto
+
+    if path is None:
+        return METRICS_PATH
+    config = read_text_proto(path, monitoring_config_class(),
+                             "--monitoring-config-file").prometheus_config
+    if not config.enable:
+        return None
+    if config.path and not config.path.startswith("/"):
+        raise errors.UsageError(f"--monitoring-config-file {path}: the path "
+                                f"'{config.path}' must start with '/'.")
+    return config.path or METRICS_PATH
+
+
+def _batching_options(args: argparse.Namespace):
+    """The `BatchingOptions` of --enable-batching (and its file), or None."""
+    from stl10_keras.serving.batching import BatchingOptions, read_batching_parameters
+
+    if not args.enable_batching:
+        if args.batching_parameters_file:
+            print("warning: --batching-parameters-file is ignored without "
+                  "--enable-batching (as in TF Serving).", file=sys.stderr,
+                  flush=True)
+        return None
+    if args.batching_parameters_file:
+        return read_batching_parameters(args.batching_parameters_file)
+    return BatchingOptions()
+
+
 def _serve(args: argparse.Namespace, repository: ModelRepository) -> None:
     """Start the repository and both front ends; serve until Ctrl-C."""
+    from stl10_keras.serving.metrics import ServingMetrics
+
     if not re.fullmatch(r"[^/:]+", repository.name):
         # TF Serving's URL cannot address it: /v1/models/NAME ends at '/' or ':'.
         raise errors.UsageError(
             f"the model name '{repository.name}' holds '/' or ':', so no URL can "
             "address it; pass a --model-name without them.")
+    # Config files are read before the model loads: a typo fails at once.
+    metrics_path = _metrics_path(args.monitoring_config_file)
+    options = _batching_options(args)
     # A missing or empty base path fails here, before TensorFlow is loaded.
     servable = repository.start()
     max_bytes = int(args.max_body_mb * 2**20)
+    metrics = ServingMetrics()
     with contextlib.ExitStack() as servers:
+        from stl10_keras.serving.batching import Batcher, DirectRunner
+
+        runner = DirectRunner() if options is None else Batcher(options, metrics)
+        servers.callback(runner.stop)  # after both front ends have stopped
         rest = servers.enter_context(_bind(
             "--port", args.host, args.port,
             lambda: ModelServer(repository, args.host, args.port, args.threads,
-                                max_bytes, enable_cors=args.enable_cors)))
+                                max_bytes, enable_cors=args.enable_cors,
+                                runner=runner, metrics=metrics,
+                                timeout_ms=args.rest_api_timeout_in_ms,
+                                metrics_path=metrics_path)))
         grpc_text = ""
         if args.grpc_port:
             from stl10_keras.serving.grpc import GrpcServer
@@ -172,8 +242,14 @@ def _serve(args: argparse.Namespace, repository: ModelRepository) -> None:
             grpc_server = servers.enter_context(_bind(
                 "--grpc-port", args.host, args.grpc_port,
                 lambda: GrpcServer(repository, args.host, args.grpc_port,
-                                   args.threads, max_bytes)))
+                                   args.threads, max_bytes, runner, metrics)))
             grpc_text = f"; gRPC at {grpc_server.address}"
+        if options is not None:
+            print(f"Batching: max_batch_size {options.max_batch_size}, "
+                  f"batch_timeout_micros {options.batch_timeout_micros}, "
+                  f"max_enqueued_batches {options.max_enqueued_batches}, "
+                  f"num_batch_threads {options.num_batch_threads}.",
+                  file=sys.stderr, flush=True)
         for label, version in sorted(repository.labels.items()):
             if version not in repository.loaded_versions():
                 print(f"warning: label '{label}' names version {version}, which is "

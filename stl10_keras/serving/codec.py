@@ -13,6 +13,7 @@ import sys
 from typing import Any, Sequence
 
 import numpy as np
+import orjson
 
 from stl10_keras.errors import one_line
 from stl10_keras.export import IMAGE_BYTES_INPUT, check_encoded_image
@@ -250,14 +251,31 @@ def input_dtype_name(servable: Servable, signature: str, name: str, spec) -> str
     return dtype_name.removeprefix("DT_").lower()
 
 
-def run_signature(signature: str, fn, tensors: dict[str, Any], row: bool = True
+def batch_size(inputs: dict[str, Any]) -> int:
+    """The batch size of a request's inputs (numpy arrays): their common first
+    dimension.
+
+    Raises:
+        RequestError: 400 when the inputs' batch sizes differ or are 0.
+    """
+    sizes = {int(np.shape(v)[0]) for v in inputs.values()}
+    if len(sizes) > 1:
+        raise RequestError(
+            400, f"The inputs have different batch sizes {sorted(sizes)}.")
+    if 0 in sizes:
+        raise RequestError(400, "The request holds no example; send at least one.")
+    return sizes.pop()
+
+
+def run_signature(signature: str, fn, inputs: dict[str, np.ndarray], row: bool = True
                   ) -> dict[str, np.ndarray]:
-    """Call a signature on checked tensors; a graph error is a 400 naming the input.
+    """Call a signature on checked inputs; a graph error is a 400 naming the input.
 
     Args:
         signature: its name (for the error sentence).
         fn: the concrete function.
-        tensors: input name -> tensor, all with the same batch size.
+        inputs: input name -> numpy array (strings as an object array of
+            bytes), all with the same batch size.
         row: whether the request was in row format (errors say "Instance i").
 
     Returns:
@@ -265,18 +283,15 @@ def run_signature(signature: str, fn, tensors: dict[str, Any], row: bool = True
     """
     import tensorflow as tf
 
-    sizes = {int(t.shape[0]) for t in tensors.values()}
-    if len(sizes) > 1:
-        raise RequestError(
-            400, f"The inputs have different batch sizes {sorted(sizes)}.")
-    if 0 in sizes:
-        raise RequestError(400, "The request holds no example; send at least one.")
+    batch_size(inputs)
+    tensors = {k: tf.constant(v, tf.string if v.dtype == object else None)
+               for k, v in inputs.items()}
     try:
         outputs = fn(**tensors)
     except tf.errors.InvalidArgumentError as e:
-        images = tensors.get(IMAGE_BYTES_INPUT)
-        bad = (_locate_bad_image(images.numpy().tolist())
-               if images is not None and images.dtype == tf.string else None)
+        images = inputs.get(IMAGE_BYTES_INPUT)
+        bad = (_locate_bad_image(list(images))
+               if images is not None and images.dtype == object else None)
         if bad is not None:
             label = "Instance" if row else "Element"
             raise RequestError(400, f"{label} {bad} of '{IMAGE_BYTES_INPUT}' could not "
@@ -286,8 +301,8 @@ def run_signature(signature: str, fn, tensors: dict[str, Any], row: bool = True
     return {k: v.numpy() for k, v in sorted(outputs.items())}
 
 
-def predict(servable: Servable, body: Any, may_hold_booleans: bool = True
-            ) -> dict[str, Any]:
+def predict(servable: Servable, body: Any, may_hold_booleans: bool = True,
+            runner: Any = None, deadline: Any = None) -> dict[str, Any]:
     """Answer a TF Serving predict request.
 
     Args:
@@ -296,13 +311,17 @@ def predict(servable: Servable, body: Any, may_hold_booleans: bool = True
             (row format) or `{"signature_name"?, "inputs": ...}` (columnar).
         may_hold_booleans: False when the raw body holds no `true`/`false`, which
             spares the search for booleans among the pixels.
+        runner: what computes the inputs (`batching.Batcher` or
+            `DirectRunner`); None: `run_signature` here and now.
+        deadline: a `batching.Deadline` for the runner.
 
     Returns:
         `{"predictions": [...]}` (one entry per instance; a dict of outputs when
         the signature has several) or `{"outputs": ...}` (a dict of outputs).
 
     Raises:
-        RequestError: the request does not fit the signature (HTTP 400).
+        RequestError: the request does not fit the signature (HTTP 400), or the
+            runner's 503 (queue full) or 504 (deadline passed).
     """
     import tensorflow as tf
 
@@ -312,18 +331,19 @@ def predict(servable: Servable, body: Any, may_hold_booleans: bool = True
     signature, fn = signature_of(servable, body.get("signature_name"))
     specs = fn.structured_input_signature[1]
     columns, row = _columns(body, signature, sorted(specs))
-    tensors = {}
+    inputs = {}
     for name, value in columns.items():
         spec = specs[name]
         if spec.dtype == tf.string:
-            tensors[name] = tf.constant(_string_input(name, value, spec, row),
-                                        tf.string)
+            inputs[name] = _object_array(_string_input(name, value, spec, row))
         else:
             dtype_name = input_dtype_name(servable, signature, name, spec)
-            array = _numeric_input(name, value, spec, row, dtype_name,
-                                   may_hold_booleans)
-            tensors[name] = tf.constant(array)
-    arrays = run_signature(signature, fn, tensors, row)
+            inputs[name] = _numeric_input(name, value, spec, row, dtype_name,
+                                          may_hold_booleans)
+    if runner is None:
+        arrays = run_signature(signature, fn, inputs, row)
+    else:
+        arrays = runner.run(signature, fn, inputs, row, deadline)
     if not row:
         if len(arrays) == 1:
             return {"outputs": _output_json(*next(iter(arrays.items())))}
@@ -335,12 +355,36 @@ def predict(servable: Servable, body: Any, may_hold_booleans: bool = True
     return {"predictions": [{k: v[i] for k, v in as_json.items()} for i in range(n)]}
 
 
+def _object_array(values: list[bytes]) -> np.ndarray:
+    """A 1-D object array of bytes (`np.array` would make fixed-width `S` bytes,
+    which drop trailing NUL bytes of an encoded image)."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not allowed")
 
 
-def parse_json(data: bytes) -> Any:
-    """The request body as JSON, or a `RequestError` with the reason."""
+def parse_json(data: bytes, fast: bool = True) -> Any:
+    """The request body as JSON, or a `RequestError` with the reason.
+
+    Args:
+        data: the body.
+        fast: parse with orjson, 2x faster than `json` (11 -> 5 ms for 32
+            images as uint8 instances). A body orjson refuses (invalid JSON,
+            NaN, a lone surrogate escape, UTF-16, nesting past 1024) is parsed
+            by `json`, which accepts or words each case as before; the one value
+            orjson reads differently, an integer beyond 64 bits (a float), only
+            ever fails a request, which the caller then parses again with
+            `fast=False` for `json`'s reading.
+    """
+    if fast:
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
     try:
         return json.loads(data, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
@@ -375,7 +419,7 @@ def tensor_from_proto(name: str, proto, spec, dtype_name: str,
             claim a huge shape, which `tf.make_ndarray` would fill in).
 
     Returns:
-        A `tf.Tensor`.
+        A numpy array (strings: an object array of bytes).
 
     Raises:
         RequestError: 400 for a wrong dtype, shape or image; 413 over the size.
@@ -412,11 +456,46 @@ def tensor_from_proto(name: str, proto, spec, dtype_name: str,
                 check_encoded_image(data)
             except ValueError as e:
                 raise RequestError(400, f"Element {i} of '{name}' {e}.") from None
-    return tf.constant(array, spec.dtype)
+    if spec.dtype == tf.string:
+        return array.astype(object)
+    return array.astype(spec.dtype.as_numpy_dtype, copy=False)
+
+
+#: The dtypes `tf.make_tensor_proto` writes as `tensor_content` bytes (for more
+#: than one element), and the `*_val` field it fills for one element.
+_CONTENT_DTYPES = {np.dtype(t) for t in ("float16", "float32", "float64", "int8",
+                                         "int16", "int32", "int64", "uint8",
+                                         "uint32", "uint64")}
+_SCALAR_FIELDS = {np.dtype("float32"): "float_val", np.dtype("float64"): "double_val",
+                  np.dtype("int64"): "int64_val", np.dtype("int32"): "int_val"}
+
+
+def tensor_proto(array: np.ndarray) -> Any:
+    """An output array -> the very `TensorProto` `tf.make_tensor_proto` makes of
+    it (numbers as `tensor_content` bytes, one number or strings in a `*_val`
+    field), built directly: 5x faster, which counts when one batch answers many
+    small requests."""
+    import tensorflow as tf
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+
+    content = array.dtype in _CONTENT_DTYPES and array.size > 1
+    strings = array.dtype == object and all(isinstance(v, bytes) for v in array.flat)
+    scalar = _SCALAR_FIELDS.get(array.dtype) if array.size == 1 else None
+    if not (content or strings or scalar):
+        return tf.make_tensor_proto(array)
+    proto = tensor_pb2.TensorProto(
+        dtype=tf.as_dtype(tf.string if strings else array.dtype).as_datatype_enum,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(dim=[
+            tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in array.shape]))
+    if content:
+        proto.tensor_content = np.ascontiguousarray(array).tobytes()
+    elif strings:
+        proto.string_val.extend(array.flat)
+    else:
+        getattr(proto, scalar).append(array.flat[0].item())
+    return proto
 
 
 def protos_from_outputs(arrays: dict[str, np.ndarray]) -> dict[str, Any]:
     """Output arrays -> `TensorProto`s, as TF Serving's PredictResponse holds them."""
-    import tensorflow as tf
-
-    return {k: tf.make_tensor_proto(a) for k, a in arrays.items()}
+    return {k: tensor_proto(a) for k, a in arrays.items()}

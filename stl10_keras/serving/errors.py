@@ -6,16 +6,19 @@ NoVersionError`, a user's error of the command.)
 
 from __future__ import annotations
 
-#: HTTP status -> the gRPC status code TF Serving answers for the same mistake
-#: (its `ToHTTPStatusCode` in `model_servers/http_server.cc`, read backwards).
-GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED"}
+#: HTTP status -> the gRPC status code TF Serving answers for the same case
+#: (its `ToHTTPStatusCode` in `model_servers/http_server.cc`, read backwards):
+#: 503 is a full batching queue or a stopping server (UNAVAILABLE), 504 a
+#: request whose deadline passed before it was answered (DEADLINE_EXCEEDED).
+GRPC_CODES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "RESOURCE_EXHAUSTED",
+              503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 class RequestError(Exception):
     """A request the server will not answer: an HTTP status and one sentence.
 
     Args:
-        status: the HTTP status (400, 404, 413); the gRPC front end answers
+        status: the HTTP status (400, 404, 413, 503, 504); the gRPC front end answers
             `GRPC_CODES[status]`.
         message: one sentence that names the fix.
     """

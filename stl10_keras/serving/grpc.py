@@ -5,13 +5,16 @@ client written for TF Serving (`prediction_service_pb2_grpc.PredictionServiceStu
 `tf.make_tensor_proto`) works unchanged. Status codes are TF Serving's:
 NOT_FOUND for an unknown model or version, INVALID_ARGUMENT for a bad request
 (dtype, shape, undecodable image, unknown label or signature, Classify/Regress on
-a predict-only model), RESOURCE_EXHAUSTED over the size limit. INTERNAL is kept
-for a bug in this server; a client's mistake never gets it.
+a predict-only model), RESOURCE_EXHAUSTED over the size limit, UNAVAILABLE when
+the batching queue is full, DEADLINE_EXCEEDED for a request whose deadline
+passed before it was computed (it is not computed). INTERNAL is kept for a bug
+in this server; a client's mistake never gets it.
 """
 
 from __future__ import annotations
 
 import sys
+import time
 import traceback
 from concurrent import futures
 from typing import Callable
@@ -26,34 +29,65 @@ from tensorflow_serving.apis import (
 )
 
 from stl10_keras.errors import one_line
+from stl10_keras.serving.batching import Deadline, DirectRunner, Runner
 from stl10_keras.serving.codec import (
     input_dtype_name,
     protos_from_outputs,
-    run_signature,
     signature_of,
     tensor_from_proto,
 )
 from stl10_keras.serving.errors import RequestError, clip
+from stl10_keras.serving.metrics import RequestRecord, ServingMetrics
 from stl10_keras.serving.repository import ModelRepository, Servable
 from stl10_keras.serving.server import JOIN_SECONDS, Server
 
 SIGNATURE_DEF = "signature_def"  # GetModelMetadataImpl::kSignatureDef
+#: grpcio's `time_remaining()` of a call without a deadline is about 10**9 s.
+NO_DEADLINE_SECONDS = 1e8
+#: The calls whose `model_spec` names a signature (the others have none).
+_SIGNED = ("Predict", "Classify", "Regress")
 
 
 def _answer(method: Callable) -> Callable:
-    """Run a servicer method; a `RequestError` becomes its gRPC status code."""
+    """Run a servicer method; a `RequestError` becomes its gRPC status code, and
+    every call is counted in the servicer's metrics."""
+    api = method.__name__
+
     def handler(self, request, context):
+        record = RequestRecord("GRPC", api)
+        start = time.perf_counter()
+        status = "OK"
         try:
+            spec = getattr(request, "model_spec", None)
+            if spec is not None:
+                record.named(self.repository.name, spec.name)
+                if api in _SIGNED:
+                    record.signed(self.repository.current.signatures,
+                                  spec.signature_name)
             return method(self, request, context)
         except RequestError as e:
+            status = e.grpc_code
             context.abort(getattr(grpc.StatusCode, e.grpc_code), e.message)
         except Exception as e:  # a bug here, not the client's: say so once
+            status = "INTERNAL"
             traceback.print_exc(file=sys.stderr)
             context.abort(grpc.StatusCode.INTERNAL,
                           f"Internal server error ({one_line(e)}).")
+        finally:
+            self.metrics.record(record, status, time.perf_counter() - start)
     handler.__name__ = method.__name__
     handler.__doc__ = method.__doc__
     return handler
+
+
+def _deadline(context) -> Deadline | None:
+    """The call's gRPC deadline, if it has one."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > NO_DEADLINE_SECONDS:
+        return None
+    return Deadline(time.monotonic() + remaining,
+                    "The call's deadline passed before it was computed; set a "
+                    "longer timeout or send it again when the server is less busy.")
 
 
 def _servable(repository: ModelRepository, model_spec) -> Servable:
@@ -73,11 +107,18 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     Args:
         repository: the started `ModelRepository`.
         max_tensor_bytes: an input tensor larger than this is RESOURCE_EXHAUSTED.
+        runner: what computes predictions (a `Batcher` shared with the REST
+            API, or a `DirectRunner`).
+        metrics: where calls are counted.
     """
 
-    def __init__(self, repository: ModelRepository, max_tensor_bytes: int):
+    def __init__(self, repository: ModelRepository, max_tensor_bytes: int,
+                 runner: Runner | None = None,
+                 metrics: ServingMetrics | None = None):
         self.repository = repository
         self.max_tensor_bytes = max_tensor_bytes
+        self.runner = runner or DirectRunner()
+        self.metrics = metrics or ServingMetrics()
 
     @_answer
     def Predict(self, request, context):
@@ -89,13 +130,13 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
             raise RequestError(400, f"The request's inputs are "
                                f"{sorted(clip(k) for k in request.inputs)}; "
                                f"signature '{signature}' takes {sorted(specs)}.")
-        tensors = {
+        inputs = {
             name: tensor_from_proto(
                 name, request.inputs[name], specs[name],
                 input_dtype_name(servable, signature, name, specs[name]),
                 self.max_tensor_bytes)
             for name in sorted(specs)}
-        arrays = run_signature(signature, fn, tensors, row=False)
+        arrays = self.runner.run(signature, fn, inputs, False, _deadline(context))
         wanted = list(request.output_filter) or list(arrays)
         unknown = [k for k in wanted if k not in arrays]
         if unknown:
@@ -163,8 +204,10 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     """TF Serving's `ModelService.GetModelStatus` (HandleReloadConfigRequest is
     UNIMPLEMENTED: this server serves one model base path from its flags)."""
 
-    def __init__(self, repository: ModelRepository):
+    def __init__(self, repository: ModelRepository,
+                 metrics: ServingMetrics | None = None):
         self.repository = repository
+        self.metrics = metrics or ServingMetrics()
 
     @_answer
     def GetModelStatus(self, request, context):
@@ -202,6 +245,8 @@ class GrpcServer(Server):
         port: the TCP port (0: any free one).
         threads: requests handled at the same time.
         max_message_bytes: larger requests get RESOURCE_EXHAUSTED (from grpcio).
+        runner: what computes predictions (`Batcher` or `DirectRunner`).
+        metrics: where calls are counted (shared with the REST API).
 
     Raises:
         OSError: the address cannot be bound.
@@ -209,7 +254,9 @@ class GrpcServer(Server):
 
     def __init__(self, repository: ModelRepository, host: str = "127.0.0.1",
                  port: int = 8500, threads: int = 8,
-                 max_message_bytes: int = 16 * 2**20):
+                 max_message_bytes: int = 16 * 2**20,
+                 runner: Runner | None = None,
+                 metrics: ServingMetrics | None = None):
         self._server = grpc.server(
             futures.ThreadPoolExecutor(threads, thread_name_prefix="grpc"),
             options=[("grpc.max_receive_message_length", max_message_bytes),
@@ -217,9 +264,10 @@ class GrpcServer(Server):
                      # A port in use is an error, not a second listener.
                      ("grpc.so_reuseport", 0)])
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
-            PredictionServicer(repository, max_message_bytes), self._server)
+            PredictionServicer(repository, max_message_bytes, runner, metrics),
+            self._server)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(
-            ModelServicer(repository), self._server)
+            ModelServicer(repository, metrics), self._server)
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         try:
             bound = self._server.add_insecure_port(address)

@@ -7,18 +7,27 @@ import logging
 import re
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
-from stl10_keras.serving.codec import parse_json
-from stl10_keras.serving.codec import predict
 from stl10_keras.errors import one_line
+from stl10_keras.serving.batching import Deadline, DirectRunner, Runner
+from stl10_keras.serving.codec import parse_json, predict
 from stl10_keras.serving.errors import RequestError, clip
+from stl10_keras.serving.metrics import (
+    METRICS_PATH,
+    UNKNOWN,
+    RequestRecord,
+    ServingMetrics,
+)
 from stl10_keras.serving.repository import ModelRepository, parse_version
 from stl10_keras.serving.server import JOIN_SECONDS, Server
 
 DEFAULT_MAX_BODY_MB = 16.0
 DEFAULT_THREADS = 8
+#: TF Serving's `--rest_api_timeout_in_ms` default (30 s).
+DEFAULT_TIMEOUT_MS = 30000
 # TF Serving's REST routes (`http_rest_api_util.cc`): case-insensitive, and
 # anything else under /v1/ is a 400 "Malformed request". A version is matched
 # loosely here so that `parse_version` can say what is wrong with it.
@@ -40,8 +49,28 @@ def _too_large(max_body_bytes: int) -> str:
             "restart the server with a larger --max-body-mb.")
 
 
+def _timed_out(timeout_ms: int) -> str:
+    return (f"The request was not answered within this server's "
+            f"--rest-api-timeout-in-ms of {timeout_ms} ms; send it again later or "
+            "with fewer instances.")
+
+
+def _status_of(error: BaseException) -> str:
+    """The gRPC code name a REST answer counts under (TF Serving's labels)."""
+    from werkzeug.exceptions import HTTPException
+
+    if isinstance(error, RequestError):
+        return error.grpc_code
+    if isinstance(error, HTTPException):
+        return "RESOURCE_EXHAUSTED" if error.code == 413 else "INVALID_ARGUMENT"
+    return "INTERNAL"
+
+
 def make_app(repository: ModelRepository, max_body_bytes: int,
-             enable_cors: bool = False):
+             enable_cors: bool = False, runner: Runner | None = None,
+             metrics: ServingMetrics | None = None,
+             timeout_ms: int = DEFAULT_TIMEOUT_MS,
+             metrics_path: str | None = METRICS_PATH):
     """The Flask app of TF Serving's REST API over `repository`.
 
     Args:
@@ -49,12 +78,21 @@ def make_app(repository: ModelRepository, max_body_bytes: int,
         max_body_bytes: larger request bodies get HTTP 413.
         enable_cors: add TF Serving's CORS headers to every response and answer
             an `OPTIONS` preflight (`--enable-cors`).
+        runner: what computes predictions: a `Batcher` shared with the gRPC API,
+            or a `DirectRunner` (the default).
+        metrics: where requests are counted (a new `ServingMetrics` if None).
+        timeout_ms: a prediction not answered within this many milliseconds
+            gets 504 (`--rest-api-timeout-in-ms`; 0: no limit).
+        metrics_path: where the Prometheus page is served (GET); None: nowhere.
 
     Returns:
         A `flask.Flask` WSGI app.
     """
     import flask
     from werkzeug.exceptions import HTTPException
+
+    runner = runner or DirectRunner()
+    metrics = metrics or ServingMetrics()
 
     app = flask.Flask("stl10_keras.serve")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
@@ -97,11 +135,29 @@ def make_app(repository: ModelRepository, max_body_bytes: int,
                strict_slashes=False)
     def dispatch(path: str):
         path, method = flask.request.path, flask.request.method
+        if path == metrics_path and method == "GET":
+            page, content_type = metrics.exposition()
+            return flask.Response(page, 200, content_type=content_type)
         if not _V1.fullmatch(path):
             raise RequestError(404, f"Unknown path '{clip(path, 80)}'; the API is "
                                f"{api}.")
         if enable_cors and method == "OPTIONS":
             return reply({})
+        record = RequestRecord("REST")
+        start = time.perf_counter()
+        deadline = (Deadline(time.monotonic() + timeout_ms / 1000,
+                             _timed_out(timeout_ms)) if timeout_ms else None)
+        try:
+            response = model_api(path, method, record, deadline)
+        except Exception as e:
+            metrics.record(record, _status_of(e), time.perf_counter() - start)
+            raise
+        metrics.record(record, "OK", time.perf_counter() - start)
+        return response
+
+    def model_api(path: str, method: str, record: RequestRecord,
+                  deadline: Deadline | None):
+        """A request under /v1/: status, metadata or predict."""
         route = {"POST": _PREDICT, "GET": _STATUS}.get(method)
         match = route.fullmatch(path) if route else None
         if match is None:
@@ -110,6 +166,13 @@ def make_app(repository: ModelRepository, max_body_bytes: int,
         if not match["name"]:
             raise RequestError(400, "Missing model name in request; ask for "
                                f"/v1/models/{name}.")
+        record.named(name, match["name"])
+        if method == "GET":
+            record.api = "GetModelMetadata" if match["metadata"] else "GetModelStatus"
+        else:
+            verb = match["verb"].lower()
+            record.api = {"predict": "Predict", "classify": "Classify",
+                          "regress": "Regress"}.get(verb, UNKNOWN)
         text = match["version"]
         version = None if text is None else parse_version(text)
         label = match["label"]
@@ -118,7 +181,6 @@ def make_app(repository: ModelRepository, max_body_bytes: int,
             if match["metadata"]:
                 return reply(repository.metadata(version, label))
             return reply(repository.status(version))  # a label is ignored, as in TF
-        verb = match["verb"].lower()
         if verb in ("classify", "regress"):
             raise RequestError(400, f":{verb} needs a classification or regression "
                                "signature; this model has predict signatures, use "
@@ -129,7 +191,18 @@ def make_app(repository: ModelRepository, max_body_bytes: int,
         servable = repository.get(version, label)  # a bad URL first, whatever the body
         data = flask.request.get_data(cache=False)
         body = parse_json(data)
-        return reply(predict(servable, body, b"true" in data or b"false" in data))
+        if isinstance(body, dict):
+            record.signed(servable.signatures, body.get("signature_name"))
+        booleans = b"true" in data or b"false" in data
+        try:
+            return reply(predict(servable, body, booleans, runner, deadline))
+        except RequestError as e:
+            if e.status != 400:
+                raise
+        # A bad request is read again as `json` reads it (an integer beyond 64
+        # bits stays an integer), so its sentence names the value as sent.
+        return reply(predict(servable, parse_json(data, fast=False), booleans,
+                             runner, deadline))
 
     return app
 
@@ -171,6 +244,7 @@ class ModelServer(Server):
         threads: requests handled at the same time.
         max_body_bytes: larger request bodies get HTTP 413.
         enable_cors: TF Serving's CORS headers on every response.
+        runner, metrics, timeout_ms, metrics_path: as `make_app` takes them.
 
     Raises:
         OSError: the address cannot be bound.
@@ -179,14 +253,18 @@ class ModelServer(Server):
     def __init__(self, repository: ModelRepository, host: str = "127.0.0.1",
                  port: int = 8501, threads: int = DEFAULT_THREADS,
                  max_body_bytes: int = int(DEFAULT_MAX_BODY_MB * 2**20),
-                 enable_cors: bool = False):
+                 enable_cors: bool = False, runner: Runner | None = None,
+                 metrics: ServingMetrics | None = None,
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS,
+                 metrics_path: str | None = METRICS_PATH):
         from waitress.server import create_server
 
         # waitress warns "Task queue depth is N" whenever all threads are busy.
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self.repository = repository
         self._server = create_server(
-            make_app(repository, max_body_bytes, enable_cors), host=host, port=port,
+            make_app(repository, max_body_bytes, enable_cors, runner, metrics,
+                     timeout_ms, metrics_path), host=host, port=port,
             threads=threads,
             # Bodies up to 4x the limit are read (past 512 KB into a temp file)
             # and refused by Flask with a JSON 413: a client that sends its whole
