@@ -242,6 +242,36 @@ def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
     assert "different config" not in err and err.count("error: ") == 2
 
 
+def _tree_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dataset", "folder", "--data-dir", "typo"],  # no such folder
+    ["--dataset", "folder", "--data-dir", "empty"],  # no train/ in it
+    ["--dataset", "fashion_mnist", "--data-dir", "empty", "--no-download"],
+])
+def test_overwrite_with_data_that_does_not_load_leaves_the_old_run_as_it_was(
+        tmp_path, capsys, monkeypatch, flags):
+    # --overwrite deleted the finished run first and only then found the data
+    # missing: the run was lost to a typo.
+    from stl10_keras.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "run"
+    _fake_finished_run(run, preset("smoke", "digits"))
+    (run / "model.keras").write_bytes(b"weights")
+    (run / "figures").mkdir()
+    (run / "figures" / "filters_stage1.png").write_bytes(b"png")
+    before = _tree_bytes(run)
+    rc = main([*flags, "--preset", "smoke", "--overwrite", "--no-export",
+               "--run-dir", str(run)])
+    assert rc == 1 and capsys.readouterr().err.startswith("error: ")
+    assert _tree_bytes(run) == before
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
     from stl10_keras.cli import main
 

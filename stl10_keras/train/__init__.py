@@ -167,8 +167,7 @@ def train(
         init_from_path(config.semi_supervised.init_from)  # refused before a run
     method = methods.get(config.semi_supervised.method)
     method.check_data(config, splits)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.dir / "config.json", config.to_dict())
+    _open_run(run, config, splits)
 
     keras = runtime.load_keras()
     if verbose and device_line:
@@ -203,6 +202,9 @@ class _Run:
     dist: "Distributed"
     has_tf: bool
     finished: dict | None = None  # metrics of a run that already finished
+    # `--overwrite` of a run that exists: it is removed by `_open_run`, once the
+    # new config and its data have loaded, so a mistake there loses nothing.
+    replaces: bool = False
 
 
 @dataclass
@@ -244,9 +246,10 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     check_output_dir(run_dir, "--run-dir")
     if export_dir is not None:
         check_output_dir(export_dir, "--export-dir")
-    if overwrite and run_dir.exists():
-        _remove_run(run_dir, keep_process_dirs=dist.processes > 1)
-    run = _Run(run_dir, export_dir, dist, has_tf)
+    run = _Run(run_dir, export_dir, dist, has_tf,
+               replaces=overwrite and run_dir.exists())
+    if run.replaces:
+        return run  # neither compared nor reported: it is trained anew
     config_path = run_dir / "config.json"
     # Checked before a finished run is reported: its results are not this config's.
     if config_path.exists():
@@ -254,7 +257,8 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
         if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "
-                f"--config {config_path}, or pass --overwrite or another --run-dir."
+                f"--config {config_path}, or pass another --run-dir (--overwrite "
+                "deletes that run)."
             )
     if (run_dir / "metrics.json").exists():
         run.finished = read_run_json(run_dir / "metrics.json")
@@ -493,6 +497,19 @@ def read_run_json(
         return read_json(path)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{path} cannot be read ({e}); {fix}.") from None
+
+
+def _open_run(run: _Run, config: Config, splits) -> None:
+    """Write the run's config, after removing the run it replaces (`--overwrite`).
+
+    Called once the config and all its data have loaded and passed their checks,
+    right before any work: a typo in `--data-dir` or a flag leaves the old run
+    as it was.
+    """
+    if run.replaces:
+        _remove_run(run.dir, keep_process_dirs=run.dist.processes > 1)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.dir / "config.json", config.to_dict())
 
 
 def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:
