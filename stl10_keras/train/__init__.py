@@ -167,7 +167,7 @@ def train(
         init_from_path(config.semi_supervised.init_from)  # refused before a run
     method = methods.get(config.semi_supervised.method)
     method.check_data(config, splits)
-    _open_run(run, config, splits)
+    _open_run(run, config, splits, verbose)
 
     keras = runtime.load_keras()
     if verbose and device_line:
@@ -260,6 +260,7 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
                 f"--config {config_path}, or pass another --run-dir (--overwrite "
                 "deletes that run)."
             )
+    _check_same_data(config, run_dir)
     if (run_dir / "metrics.json").exists():
         run.finished = read_run_json(run_dir / "metrics.json")
         _remove_resume_files(run_dir)  # left by a kill just after metrics.json
@@ -499,17 +500,46 @@ def read_run_json(
         raise ConfigError(f"{path} cannot be read ({e}); {fix}.") from None
 
 
-def _open_run(run: _Run, config: Config, splits) -> None:
-    """Write the run's config, after removing the run it replaces (`--overwrite`).
+def _open_run(run: _Run, config: Config, splits, verbose: int) -> None:
+    """Start the run's records: its config, the data it is trained on
+    (`data.DATA_RECORD`); say what data that is.
 
     Called once the config and all its data have loaded and passed their checks,
-    right before any work: a typo in `--data-dir` or a flag leaves the old run
-    as it was.
+    right before any work, and only then is a run that `--overwrite` replaces
+    removed: a typo in `--data-dir` or a flag leaves the old run as it was.
     """
+    from stl10_keras import data as data_lib
+
     if run.replaces:
         _remove_run(run.dir, keep_process_dirs=run.dist.processes > 1)
     run.dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(run.dir / "config.json", config.to_dict())
+    record_path = run.dir / data_lib.DATA_RECORD
+    if not record_path.exists():  # a resumed run keeps the record it started with
+        record = data_lib.data_record(config.data.dataset, config.data.data_dir)
+        atomic_write_json(record_path, record)
+    if verbose:
+        print("\n".join(splits.describe()), flush=True)
+
+
+def _check_same_data(config: Config, run_dir: Path) -> None:
+    """A run (finished or not) whose data has changed since it started is not
+    reported or resumed as if it were this data's."""
+    from stl10_keras import data as data_lib
+
+    record_path = run_dir / data_lib.DATA_RECORD
+    if not record_path.exists():
+        return  # a run from before runs recorded their data, or not started
+    previous = read_run_json(record_path)
+    current = data_lib.data_record(config.data.dataset, config.data.data_dir,
+                                   previous)
+    changes = data_lib.data_changes(previous, current)
+    if changes:
+        where = config.data.data_dir or "the data"
+        raise ConfigError(
+            f"{run_dir} was trained on other data: since it started, {changes} in "
+            f"{where}; pass --overwrite to train it again on the data as it is "
+            "now, or another --run-dir.")
 
 
 def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:
@@ -615,8 +645,12 @@ def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
         apply_kmeans_weights(model, precomputed["weights"])
         result = precomputed
     else:
+        # What k-means will read: --kmeans-images, or all there are if fewer.
+        available = splits.num_unlabeled
+        count = config.kmeans.num_images if available is None else min(
+            config.kmeans.num_images, available)
         print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
-              f"{config.kmeans.num_images} unlabeled images")
+              f"{count:,} unlabeled images")
         result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
     info = {"kmeans_seconds": result["kmeans_seconds"], "layers": result["layers"]}
     atomic_write_json(info_path, info)
