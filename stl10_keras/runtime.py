@@ -21,7 +21,18 @@ DEFAULT_TF_LOG_LEVEL = "3"
 
 def start() -> None:
     """Set the entry points' defaults; call before anything imports TensorFlow."""
+    import warnings
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_LOG_LEVEL)
+    # A library's warning (scikit-learn's k-means, keras) reaches the user as
+    # one line, not as Python's "FILE:LINE: Category: text" and a source line.
+    warnings.formatwarning = format_warning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the commands print it: `warning: TEXT` on one line."""
+    text = " ".join(str(message).split())
+    return f"warning: {text}\n"
 
 
 def tensorflow_installed() -> bool:
