@@ -73,6 +73,39 @@ def list_versions(export_dir: str | os.PathLike) -> list[int]:
                   if (p / "saved_model.pb").is_file())
 
 
+def base_path_hint(path: str | os.PathLike, flag: str) -> str | None:
+    """The sentence for a path that is not a model base path but leads to one.
+
+    A version folder (`saved_models/NAME/1`, holding `saved_model.pb`) names
+    its parent; a training run's folder (`runs/NAME`) names the base path its
+    `metrics.json` records, or the export command when it exported none.
+
+    Args:
+        path: what the user passed.
+        flag: the flag they passed it with (`--model`, `--model-base-path`).
+
+    Returns:
+        One sentence naming the path to pass, or None when `path` is neither.
+    """
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return (f"{path} is one version of an exported model, not its base path; "
+                f"pass {flag} {path.parent} (it serves the highest version).")
+    if not ((path / "metrics.json").is_file() or (path / "config.json").is_file()):
+        return None
+    try:
+        exported = read_json(path / "metrics.json").get("export_path")
+    except (OSError, ValueError, AttributeError):
+        exported = None
+    if exported:
+        return (f"{path} is a training run, not a model base path; its model was "
+                f"exported to {Path(exported).parent}: pass {flag} "
+                f"{Path(exported).parent}.")
+    return (f"{path} is a training run with no exported model; export it with "
+            f"python -m stl10_keras.export --run-dir {path}, then pass {flag} "
+            "with the base path it prints.")
+
+
 def check_encoded_image(data: bytes) -> tuple[str, int, int]:
     """Check, from its header only, that `data` is an image `serving_bytes` decodes.
 
