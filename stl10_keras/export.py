@@ -90,7 +90,7 @@ def base_path_hint(path: str | os.PathLike, flag: str) -> str | None:
     path = Path(path)
     if (path / "saved_model.pb").is_file():
         return (f"{path} is one version of an exported model, not its base path; "
-                f"pass {flag} {path.parent} (it serves the highest version).")
+                f"pass {flag} {path.parent}, the folder that holds the versions.")
     if not ((path / "metrics.json").is_file() or (path / "config.json").is_file()):
         return None
     try:

@@ -362,12 +362,13 @@ def _summary(check: FolderCheck, size: tuple[int, int], channels: int,
     stored_text = (f"{stored[0][0]}x{stored[0][1]}" if len(stored) == 1 else
                    f"{len(stored)} sizes, {stored[0][0]}x{stored[0][1]} to "
                    f"{stored[-1][0]}x{stored[-1][1]}")
-    resized = (f"resized to {size[0]}x{size[1]} (--image-size)"
-               if image_size is not None else "as stored")
+    how = ("resized by --image-size" if image_size is not None and stored != [size]
+           else "as stored")
+    colours = "grey" if channels == 1 else "RGB"
     formats = Counter(h.format for h in headers)
     modes = Counter(h.mode for h in headers)
     lines = [
-        f"pixels: {size[0]}x{size[1]}x{channels}, {resized}; stored {stored_text}",
+        f"pixels: stored {stored_text}; {how} to {size[0]}x{size[1]} {colours}",
         "files: " + ", ".join(f"{n} {f}" for f, n in formats.most_common())
         + " (modes " + ", ".join(f"{m} {n}" for m, n in modes.most_common()) + ")",
     ]

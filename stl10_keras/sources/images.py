@@ -184,8 +184,9 @@ def decode_bytes(data: bytes, size: tuple[int, int], channels: int) -> np.ndarra
     Raises:
         ValueError: it cannot be decoded; the message is the reason.
     """
-    import tensorflow as tf
+    from stl10_keras.io_utils import import_tensorflow
 
+    tf = import_tensorflow()  # quietly: its start-up logs would come first
     try:
         return images.preprocess_fn(size[0], size[1], channels)(
             tf.constant(data)).numpy()
