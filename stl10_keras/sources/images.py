@@ -172,10 +172,13 @@ def _is_gray(image) -> bool:
 
 
 def reason(e: BaseException) -> str:
-    """An exception's message on one line, without a trailing full stop."""
+    """An exception's message on one line, without a trailing full stop or
+    TensorFlow's `{{function_node ...}}` prefix."""
+    import re
+
     from stl10_keras.errors import one_line
 
-    return one_line(e)
+    return re.sub(r"\{\{[^}]*\}\}\s*", "", one_line(e)) or type(e).__name__
 
 
 def decode_bytes(data: bytes, size: tuple[int, int], channels: int) -> np.ndarray:
