@@ -159,12 +159,10 @@ def sample_patches(
     if out is None:
         raise ValueError("The unlabeled image stream is empty; check the data split.")
     if read < num_images:
-        # Warned from here (stacklevel 1), not from each caller: Python shows a
-        # warning once per place, so the stages of one run say it once.
         warnings.warn(
             f"The unlabeled stream ended after {read} of {num_images} images; "
             "k-means uses those (lower --kmeans-images to silence this).",
-            stacklevel=1,
+            stacklevel=2,
         )
         out = out[: read * patches_per_image].copy()
     return out, read

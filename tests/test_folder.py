@@ -302,3 +302,23 @@ def test_the_data_summary_names_classes_splits_pixels_and_files(tmp_path):
                         "--image-size to 12x16 RGB")
     assert lines[4] == "  files: 17 PNG, 9 JPEG (modes RGB 26)"
     assert len(lines) == 5  # nothing skipped
+
+
+def test_kmeans_says_how_many_images_it_read_and_warns_in_one_line(tmp_path):
+    # It said "from 10000 unlabeled images" for a folder of 4, then printed a
+    # Python UserWarning with its source line, twice.
+    write_folder(tmp_path, per_class=5, unlabeled=4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stl10_keras.train", "--dataset", "folder",
+         "--data-dir", str(tmp_path), "--preset", "smoke", "--widths", "4,8",
+         "--fc-units", "8", "--kmeans-images", "20", "--kmeans-patches-per-image",
+         "4", "--run-dir", str(tmp_path / "run"), "--no-export", "--verbose", "0"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("k-means initialisation of stage(s) [1, 2] from 4 unlabeled images"
+            in proc.stdout.splitlines())
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln.lower()]
+    assert [ln[ln.index("warning: "):] for ln in warnings] == [
+        "warning: The unlabeled stream ended after 4 of 20 images; k-means uses "
+        "those (lower --kmeans-images to silence this)."]
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
