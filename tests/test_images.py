@@ -244,6 +244,34 @@ def test_16_bit_images_are_scaled_to_8_bits_not_clipped():
     np.testing.assert_array_equal(got, np.round(rgb / 257).astype(np.uint8))
 
 
+def bmp4(indices: np.ndarray, palette: np.ndarray) -> bytes:
+    """A 4-bit palette BMP, written by hand (Pillow writes 1 and 8 bits only)."""
+    h, w = indices.shape
+    stride = (w * 4 + 31) // 32 * 4
+    rows = b""
+    for row in indices[::-1]:  # bottom-up
+        padded = np.zeros(stride * 2, np.uint8)
+        padded[:w] = row
+        rows += bytes((padded[0::2] << 4) | padded[1::2])
+    colours = np.concatenate([palette[:, ::-1], np.zeros((16, 1), np.uint8)], 1)
+    offset = 14 + 40 + 64
+    return (b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset)
+            + struct.pack("<IiiHHIIiiII", 40, w, h, 1, 4, 0, len(rows), 2835, 2835,
+                          16, 0)
+            + colours.astype(np.uint8).tobytes() + rows)
+
+
+def test_a_4_bit_bmp_is_read_through_its_palette():
+    rng = np.random.default_rng(3)
+    indices = rng.integers(0, 16, (7, 13)).astype(np.uint8)
+    palette = rng.integers(0, 256, (16, 3)).astype(np.uint8)
+    data = bmp4(indices, palette)
+    got = images.decode(tf.constant(data)).numpy()
+    np.testing.assert_array_equal(got, palette[indices])
+    np.testing.assert_array_equal(got, np.asarray(
+        Image.open(io.BytesIO(data)).convert("RGB")))
+
+
 def test_an_animated_gif_gives_its_first_frame(corpus):
     got = images.decode(tf.constant(corpus["animated-GIF"])).numpy()
     with Image.open(io.BytesIO(corpus["animated-GIF"])) as gif:
