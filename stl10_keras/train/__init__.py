@@ -518,8 +518,14 @@ def _open_run(run: _Run, config: Config, splits, verbose: int) -> None:
     if not record_path.exists():  # a resumed run keeps the record it started with
         record = data_lib.data_record(config.data.dataset, config.data.data_dir)
         atomic_write_json(record_path, record)
-    if verbose:
-        print("\n".join(splits.describe()), flush=True)
+    summary = "\n".join(splits.describe())
+    if verbose and summary not in _DESCRIBED:  # an ablation's runs: said once
+        _DESCRIBED.add(summary)
+        print(summary, flush=True)
+
+
+#: The data summaries printed by this process.
+_DESCRIBED: set[str] = set()
 
 
 def _check_same_data(config: Config, run_dir: Path) -> None:
