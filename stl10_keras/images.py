@@ -22,8 +22,8 @@ serving. Each step:
    22-bit fixed point, rounded to uint8 between the two passes, in Pillow
    13's order of the passes. An image already at the size is unchanged.
 
-This module imports TensorFlow inside its functions; it imports nothing of
-the project but `errors`.
+This module imports TensorFlow inside its functions (the commands check their
+paths before TensorFlow loads) and nothing of the project.
 """
 
 from __future__ import annotations
@@ -404,35 +404,19 @@ def _coefficients(in_size: Any, out_size: int):
     return index, fixed
 
 
-def load_image(path: Any, height: int, width: int, channels: int):
-    """`preprocess` of an image file, as a numpy uint8 array (eager).
-
-    Raises:
-        OSError: the file cannot be read.
-        tf.errors.InvalidArgumentError: it cannot be decoded.
-    """
-    import tensorflow as tf
-
-    with open(path, "rb") as f:
-        data = f.read()
-    return _compiled(height, width, channels)(tf.constant(data)).numpy()
+#: `preprocess_fn`'s compiled functions, one per model input.
+_FUNCTIONS: dict[tuple[int, int, int], Any] = {}
 
 
-_FUNCTIONS: dict = {}
-
-
-def _compiled(height: int, width: int, channels: int):
-    """`preprocess` as one `tf.function` per model input (traced once)."""
+def preprocess_fn(height: int, width: int, channels: int):
+    """`preprocess` as a `tf.function` for one model input, traced once:
+    `fn(scalar string tensor) -> uint8 [height, width, channels]` (a file's
+    bytes in; what the folder source calls for each of its images)."""
     import tensorflow as tf
 
     key = (int(height), int(width), int(channels))
     if key not in _FUNCTIONS:
         _FUNCTIONS[key] = tf.function(
             lambda data: preprocess(data, *key),
-            input_signature=[tf.TensorSpec([], tf.string)], reduce_retracing=True)
+            input_signature=[tf.TensorSpec([], tf.string)])
     return _FUNCTIONS[key]
-
-
-def preprocess_fn(height: int, width: int, channels: int):
-    """`preprocess` compiled for one model input: `fn(bytes_tensor) -> uint8`."""
-    return _compiled(height, width, channels)

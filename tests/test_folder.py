@@ -257,7 +257,8 @@ def test_class_names_are_compared_in_unicode_nfc(tmp_path):
     # message named two folders that looked identical.
     import unicodedata
 
-    nfc, nfd = (unicodedata.normalize(form, "caf\u00e9 noir") for form in ("NFC", "NFD"))
+    nfc, nfd = (unicodedata.normalize(form, "caf\u00e9 noir")
+                for form in ("NFC", "NFD"))
     assert nfc != nfd
     for split, name, count in (("train", nfc, 5), ("test", nfd, 2),
                                ("train", "tea", 5), ("test", "tea", 2)):
