@@ -130,8 +130,19 @@ def check_data_dir(config: Config, given: bool) -> None:
 
 
 def default_run_name(config: Config) -> str:
+    """`DATASET_VARIANT[_PRESET]_sSEED`; an image folder's DATASET is
+    `folder-NAME`, NAME its folder's, so two folders do not share a run."""
+    import re
+    import unicodedata
+
     suffix = "" if config.preset == "default" else f"_{config.preset}"
-    return f"{config.data.dataset}_{config.variant}{suffix}_s{config.train.seed}"
+    dataset = config.data.dataset
+    if dataset == "folder" and config.data.data_dir:
+        name = Path(config.data.data_dir).expanduser().resolve().name
+        # Letters and digits of any script stay; spaces and the rest become "-".
+        slug = re.sub(r"[^\w.]+", "-", unicodedata.normalize("NFC", name)).strip("-.")
+        dataset = f"folder-{slug}" if slug else dataset
+    return f"{dataset}_{config.variant}{suffix}_s{config.train.seed}"
 
 
 def build_train_parser() -> argparse.ArgumentParser:

@@ -137,6 +137,73 @@ def source_files_signature(dataset: str, data_dir: str | None) -> str | None:
     return digest.hexdigest()
 
 
+#: A run's record of the files it was trained on (`train` writes it).
+DATA_RECORD = "data.json"
+# sha256 of files already hashed in this process, by (path, size, mtime): an
+# ablation's runs read the same files.
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def data_record(dataset: str, data_dir: str | None,
+                previous: dict | None = None) -> dict:
+    """What a run is trained on: each source file's size and sha256.
+
+    Args:
+        dataset: the source's name.
+        data_dir: `--data-dir` (None: the source's default).
+        previous: an earlier record; a file whose size and modification time
+            it holds unchanged keeps its hash there (not read again).
+
+    Returns:
+        `{"dataset", "data_dir", "files": {path: {"size", "mtime_ns",
+        "sha256"}}}`, paths relative to `data_dir` (absolute outside it).
+        No files (bundled digits, data only tensorflow-datasets holds): `{}`.
+    """
+    import hashlib
+
+    root = Path(data_dir).expanduser().resolve() if data_dir else None
+    old = (previous or {}).get("files", {})
+    files = {}
+    for path in source_files(dataset, data_dir):
+        resolved = path.resolve()
+        key = (resolved.relative_to(root).as_posix()
+               if root is not None and resolved.is_relative_to(root) else str(resolved))
+        stat = resolved.stat()
+        known = old.get(key)
+        cache = (str(resolved), stat.st_size, stat.st_mtime_ns)
+        if known and (known["size"], known["mtime_ns"]) == cache[1:]:
+            digest = known["sha256"]
+        elif cache in _HASHES:
+            digest = _HASHES[cache]
+        else:
+            sha = hashlib.sha256()
+            with open(resolved, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    sha.update(block)
+            digest = _HASHES[cache] = sha.hexdigest()
+        files[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                      "sha256": digest}
+    if not files:
+        return {}
+    return {"dataset": dataset, "data_dir": data_dir, "files": files}
+
+
+def data_changes(previous: dict, current: dict) -> str | None:
+    """How `current` differs from `previous` (two `data_record`s), in words
+    ("2 files added (train/cat/x.png, ...), 1 changed (...)"); None: the same."""
+    before, now = previous.get("files", {}), current.get("files", {})
+    added = sorted(set(now) - set(before))
+    removed = sorted(set(before) - set(now))
+    changed = sorted(k for k in set(now) & set(before)
+                     if now[k]["sha256"] != before[k]["sha256"])
+    parts = []
+    for what, keys in (("added", added), ("removed", removed), ("changed", changed)):
+        if keys:
+            shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            parts.append(f"{len(keys)} file{'s' * (len(keys) != 1)} {what} ({shown})")
+    return ", ".join(parts) or None
+
+
 def load_splits_for(config, seed: int | None = None) -> Splits:
     """`load_splits` with a run config's data settings and seed.
 

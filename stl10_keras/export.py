@@ -6,8 +6,10 @@ The exported `serving_default` signature takes uint8 images `[None, H, W, 3]`
 
 The `serving_bytes` signature takes encoded JPEG, PNG, GIF, BMP or WebP images of
 any size (string `[None]`, input name `image_bytes`: TF Serving's REST API decodes
-`{"b64": ...}` values for it), decodes and resizes them to `H x W` in the graph
-(`decode_image_bytes`) and returns the same three outputs.
+`{"b64": ...}` values for it), turns them into the model's input in the graph
+with `stl10_keras.images.preprocess` (decode, EXIF orientation, channels,
+resize: the path training read its image files with) and returns the same
+three outputs.
 
 Each version also holds `assets.extra/class_names.txt` (all class names, one a
 line), which `stl10_keras.predict` reads to name its top-k classes.
@@ -25,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from stl10_keras import errors, flags, runtime
+from stl10_keras import errors, flags, images, runtime
 from stl10_keras.errors import ConfigError, ExportError
 from stl10_keras.io_utils import (atomic_directory, check_output_dir, crash_point,
                                   read_json)
@@ -42,9 +44,9 @@ IMAGE_BYTES_INPUT = "image_bytes"
 #: The class names, one a line (index = class id), inside each version:
 #: TF Serving's `assets.extra/` holds files for clients, not for the graph.
 CLASS_NAMES_FILE = "assets.extra/class_names.txt"
-#: Formats `check_encoded_image` lets through to `tf.io.decode_image`, as
+#: Formats `check_encoded_image` lets through to the graph's decoder, as
 #: Pillow names them (MPO: a camera's multi-picture JPEG).
-IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP")
+IMAGE_FORMATS = images.FORMATS
 #: Larger images are refused before decoding (a small PNG can hold a huge image).
 MAX_IMAGE_PIXELS = 2**25
 
@@ -71,11 +73,44 @@ def list_versions(export_dir: str | os.PathLike) -> list[int]:
                   if (p / "saved_model.pb").is_file())
 
 
+def base_path_hint(path: str | os.PathLike, flag: str) -> str | None:
+    """The sentence for a path that is not a model base path but leads to one.
+
+    A version folder (`saved_models/NAME/1`, holding `saved_model.pb`) names
+    its parent; a training run's folder (`runs/NAME`) names the base path its
+    `metrics.json` records, or the export command when it exported none.
+
+    Args:
+        path: what the user passed.
+        flag: the flag they passed it with (`--model`, `--model-base-path`).
+
+    Returns:
+        One sentence naming the path to pass, or None when `path` is neither.
+    """
+    path = Path(path)
+    if (path / "saved_model.pb").is_file():
+        return (f"{path} is one version of an exported model, not its base path; "
+                f"pass {flag} {path.parent}, the folder that holds the versions.")
+    if not ((path / "metrics.json").is_file() or (path / "config.json").is_file()):
+        return None
+    try:
+        exported = read_json(path / "metrics.json").get("export_path")
+    except (OSError, ValueError, AttributeError):
+        exported = None
+    if exported:
+        return (f"{path} is a training run, not a model base path; its model was "
+                f"exported to {Path(exported).parent}: pass {flag} "
+                f"{Path(exported).parent}.")
+    return (f"{path} is a training run with no exported model; export it with "
+            f"python -m stl10_keras.export --run-dir {path}, then pass {flag} "
+            "with the base path it prints.")
+
+
 def check_encoded_image(data: bytes) -> tuple[str, int, int]:
     """Check, from its header only, that `data` is an image `serving_bytes` decodes.
 
     Pillow reads the header (no pixels are decoded), so this is cheap, and it
-    gives one clear sentence where `tf.io.decode_image` would fail with a graph
+    gives one clear sentence where the graph's decoder would fail with a graph
     error. A corrupt body behind a valid header still fails in the graph.
 
     Args:
@@ -100,6 +135,8 @@ def check_encoded_image(data: bytes) -> tuple[str, int, int]:
             warnings.simplefilter("ignore")  # Pillow's DecompressionBombWarning
             with Image.open(io.BytesIO(data)) as image:
                 fmt, (width, height) = image.format, image.size
+                compressed_bmp = fmt == "BMP" and image.info.get("compression") in (
+                    images.BMP_RLE8, images.BMP_RLE4)
     except Image.DecompressionBombError as e:
         # Past twice Pillow's own limit it refuses the header; its message
         # holds the pixel count ("Image size (400000000 pixels) exceeds ...").
@@ -110,34 +147,23 @@ def check_encoded_image(data: bytes) -> tuple[str, int, int]:
         raise ValueError("is not a JPEG, PNG, GIF, BMP or WebP image") from None
     if fmt not in IMAGE_FORMATS:
         raise ValueError(f"is a {fmt} image; send JPEG, PNG, GIF, BMP or WebP")
+    if compressed_bmp:
+        raise ValueError("is a run-length compressed BMP, which is not decoded; "
+                         "send it as PNG")
     if width * height > MAX_IMAGE_PIXELS:
         raise ValueError(f"is {width}x{height} pixels, {too_many}")
     return fmt, width, height
 
 
 def decode_image_bytes(image_bytes, height: int, width: int, channels: int = 3):
-    """Decode one encoded image and resize it to the model's input, as uint8.
+    """One encoded image -> the model's uint8 input `[height, width, channels]`.
 
-    `tf.io.decode_image` (JPEG, PNG, GIF's first frame, BMP, WebP; grey or RGBA
-    become `channels` channels), then bilinear `tf.image.resize` (half-pixel
-    centres, no antialiasing; an image already `height x width` is unchanged),
-    rounded and clipped to 0..255. The `serving_bytes` signature runs exactly this in
-    its graph; `stl10_keras.predict` runs it eagerly for older exports.
-
-    Args:
-        image_bytes: a scalar string tensor, the encoded image.
-        height, width: the model's input size.
-        channels: the model's input channels.
-
-    Returns:
-        A uint8 tensor `[height, width, channels]`.
+    `stl10_keras.images.preprocess`, the one path from image bytes to pixels:
+    the `serving_bytes` signature runs it in its graph, training runs it on
+    the folder's files, `stl10_keras.predict` runs it eagerly for exports made
+    before `serving_bytes` existed.
     """
-    import tensorflow as tf
-
-    image = tf.io.decode_image(image_bytes, channels=channels,
-                               expand_animations=False)
-    image = tf.image.resize(image, (height, width), method="bilinear")
-    return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+    return images.preprocess(image_bytes, height, width, channels)
 
 
 def export_saved_model(

@@ -2,10 +2,11 @@
 
 Loads the highest version under `--model` (or `--version V`) and runs each file's
 bytes through the `serving_bytes` signature: the graph the REST server runs for
-`{"b64": ...}` requests (decode, resize to the model's input, classify), so this
-command and the server give the same probabilities for the same file. Versions
-exported before `serving_bytes` existed are run through the same decoding
-(`export.decode_image_bytes`, eagerly) and `serving_default`.
+`{"b64": ...}` requests (`stl10_keras.images.preprocess`: decode, EXIF
+orientation, channels, resize to the model's input; then classify), so this
+command, the server and training see the same pixels for the same file.
+Versions exported before `serving_bytes` existed are run through the same
+path (eagerly) and `serving_default`.
 
 For each image it prints the top-k classes with their probabilities. A file
 that is missing or is not an image is reported on stderr and the others are
@@ -25,7 +26,8 @@ import numpy as np
 from stl10_keras import errors, flags, runtime
 from stl10_keras.errors import ModelError
 from stl10_keras.export import (BYTES_SIGNATURE, CLASS_NAMES_FILE, IMAGE_BYTES_INPUT,
-                                check_encoded_image, decode_image_bytes, list_versions)
+                                base_path_hint, check_encoded_image,
+                                decode_image_bytes, list_versions)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +58,9 @@ def resolve_version(base: str | os.PathLike, version: int | None) -> Path:
         raise ModelError(f"{base} does not exist; pass --model saved_models/NAME of "
                          "an exported model.")
     if not versions:
-        raise ModelError(f"{base} holds no version folder with a saved_model.pb "
-                         "(1/, 2/, ...); pass --model saved_models/NAME of an "
-                         "exported model.")
+        raise ModelError(base_path_hint(base, "--model") or (
+            f"{base} holds no version folder with a saved_model.pb (1/, 2/, ...); "
+            "pass --model saved_models/NAME of an exported model."))
     if version is None:
         version = versions[-1]
     elif version not in versions:

@@ -21,7 +21,39 @@ DEFAULT_TF_LOG_LEVEL = "3"
 
 def start() -> None:
     """Set the entry points' defaults; call before anything imports TensorFlow."""
+    import warnings
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", DEFAULT_TF_LOG_LEVEL)
+    # A library's warning (scikit-learn's k-means, keras) reaches the user as
+    # one line, not as Python's "FILE:LINE: Category: text" and a source line,
+    # and once: Python's own once-per-place rule forgets what it showed
+    # whenever a library changes the warning filters.
+    warnings.formatwarning = format_warning
+    warnings.showwarning = show_warning
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the commands print it: `warning: TEXT` on one line."""
+    text = " ".join(str(message).split())
+    return f"warning: {text}\n"
+
+
+_SHOWN: set[str] = set()
+
+
+def show_warning(message, category, filename, lineno, file=None,
+                 line=None) -> None:
+    """Print `format_warning`'s line to stderr, each text once per process."""
+    import sys
+
+    text = format_warning(message, category, filename, lineno)
+    if text in _SHOWN:
+        return
+    _SHOWN.add(text)
+    try:
+        (file or sys.stderr).write(text)
+    except OSError:  # stderr closed: a warning is not worth a crash
+        pass
 
 
 def tensorflow_installed() -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -74,19 +75,24 @@ def _as_uint8_images(images: np.ndarray, name: str) -> np.ndarray:
 
 
 def save_augmentation_grid(
-    originals: np.ndarray, augmented: np.ndarray, path: str, n: int = 36
+    originals: np.ndarray, augmented: np.ndarray, path: str, n: int = 36,
+    row_labels: Sequence[str] | None = None,
 ) -> np.ndarray:
     """The lab's Figure 3: images before and after augmentation, side by side.
 
     The first `n` originals are tiled on the left (6 x 6 for `n=36`) and the
-    same images augmented on the right, in the same grid positions.
+    same images augmented on the right, in the same grid positions. With
+    `row_labels`, the images are that many rows of equal length, each row
+    named on its left (one class a row), and small images are enlarged
+    (nearest neighbour) so that the names fit.
 
     Args:
         originals: `(N, H, W, C)` images in 0..255 (`C` is 1 or 3), float or
             uint8.
         augmented: the same images after augmentation, same shape.
         path: PNG file to write.
-        n: how many images to show (at most N).
+        n: how many images to show (at most N; all of them with `row_labels`).
+        row_labels: a name per row, or None.
 
     Returns:
         The figure as an `(H, W, 3)` uint8 RGB array (what the PNG holds).
@@ -100,9 +106,19 @@ def save_augmentation_grid(
         )
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}.")
-    n = min(n, len(originals))
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
+    label_width = 0
+    if row_labels:
+        rows, n = len(row_labels), len(originals)
+        cols = math.ceil(n / rows)
+        # Enlarged to at least 32 pixels a tile, so each row holds its name.
+        scale = max(1, math.ceil(32 / originals.shape[1]))
+        originals, augmented = (np.repeat(np.repeat(a, scale, 1), scale, 2)
+                                for a in (originals, augmented))
+        label_width = 7 * max(len(str(name)) for name in row_labels) + 8
+    else:
+        n = min(n, len(originals))
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
     left = _mosaic(originals[:n], rows, cols)
     right = _mosaic(augmented[:n], rows, cols)
 
@@ -110,13 +126,19 @@ def save_augmentation_grid(
     # Draw each mosaic at one figure pixel per image pixel (no resampling
     # blur), with a margin, a gap between the halves and room for titles.
     dpi, margin, title = 100, 12, 28
-    fig_w = 2 * width + 3 * margin
+    fig_w = 2 * width + 3 * margin + label_width
     fig_h = height + 2 * margin + title
     fig = Figure(figsize=(fig_w / dpi, fig_h / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
     gray = left.shape[-1] == 1
+    if row_labels:
+        tile = (height + 2) / rows  # a row and its gap, in figure pixels
+        for r, name in enumerate(row_labels):
+            y = margin + height - (r + 0.5) * tile + 1
+            fig.text((margin + label_width - 6) / fig_w, y / fig_h, str(name),
+                     ha="right", va="center", fontsize=9)
     for k, (mosaic, name) in enumerate(((left, "original"), (right, "augmented"))):
-        x0 = margin + k * (width + margin)
+        x0 = margin + label_width + k * (width + margin)
         ax = fig.add_axes(
             (x0 / fig_w, margin / fig_h, width / fig_w, height / fig_h)
         )
@@ -270,14 +292,38 @@ def centroids_figure(result: dict, config, run_dir: Path) -> None:
     log_image(run_dir / "logs", f"figure1_kmeans_centroids_{k}x{k}", image)
 
 
-def augmentation_figure(layer, images, run_dir: Path) -> None:
-    """Figure 3: originals beside their augmented versions."""
-    originals = images[:36]
+def augmentation_figure(layer, images, run_dir: Path,
+                        labels: np.ndarray | None = None,
+                        class_names: Sequence[str] | None = None) -> list[str]:
+    """Figure 3: originals beside their augmented versions.
+
+    With `labels` and `class_names`, every class gets a row of its own
+    images, named (a folder's training images come class by class, so the
+    first 36 would all be of one class); otherwise the first 36 images.
+
+    Returns:
+        The row names (empty without labels).
+    """
+    rows: list[str] = []
+    if labels is not None and class_names is not None:
+        labels = np.asarray(labels)
+        present = [c for c in range(len(class_names)) if (labels == c).any()]
+        per_row = max(2, 36 // max(1, len(present)))
+        picks = []
+        for c in present:
+            idx = np.flatnonzero(labels == c)
+            picks.append(np.resize(idx, per_row))  # repeats a class's few images
+            rows.append(str(class_names[c]))
+        originals = images[np.concatenate(picks)]
+    else:
+        originals = images[:36]
     augmented = layer(originals.astype("float32"), training=True)
     augmented = np.clip(np.asarray(augmented), 0, 255).astype("uint8")
     image = save_augmentation_grid(originals, augmented,
-                                   str(run_dir / "figures" / "augmentation.png"))
+                                   str(run_dir / "figures" / "augmentation.png"),
+                                   n=len(originals), row_labels=rows or None)
     log_image(run_dir / "logs", "figure3_augmentation", image)
+    return rows
 
 
 def filters_figure(model, run_dir: Path) -> None:

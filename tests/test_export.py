@@ -128,9 +128,10 @@ def test_serving_bytes_matches_serving_default_on_independently_decoded_images(
     grey = rng.integers(0, 256, (32, 32)).astype("uint8")
     alpha = rng.integers(0, 256, (32, 32, 1)).astype("uint8")
     big = rng.integers(0, 256, (64, 64, 3)).astype("uint8")
-    # Bilinear resizing by exactly 1/2 with half-pixel centres is the mean of
-    # each 2x2 block (np.round and tf.round both round half to even).
-    halved = np.round(big.reshape(32, 2, 32, 2, 3).mean((1, 3))).astype("uint8")
+    # Resized as training resizes a folder's images: Pillow's bilinear filter
+    # (antialiased: at 1/2 each pixel weighs 4 neighbours 1:3:3:1, not a 2x2 mean).
+    halved = np.asarray(Image.fromarray(big).resize((32, 32),
+                                                    Image.Resampling.BILINEAR))
     cases = [  # (encoded image, the uint8 image serving_default should see)
         (_encode(rgb, "PNG"), rgb),
         (_encode(rgb, "BMP"), rgb),

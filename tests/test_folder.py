@@ -149,3 +149,177 @@ def test_missing_train_folder_exits_1_before_training(tmp_path):
         "(one folder of images per class)."]
     assert not (tmp_path / "run").exists()
 
+
+
+# --- the check in one pass --------------------------------------------------------
+
+def _load_error(root, **kwargs):
+    with pytest.raises(data.DataUnavailableError) as info:
+        data.load_splits("folder", str(root), **kwargs)
+    return str(info.value)
+
+
+def test_a_palette_png_is_read_not_a_crash(tmp_path):
+    # Pillow's verify() after reading the palette raised "verify must be called
+    # directly after open", naming no file.
+    write_folder(tmp_path)
+    path = tmp_path / "train" / "cat" / "palette.png"
+    Image.fromarray(planted(0, 9)).convert("P", palette=Image.Palette.ADAPTIVE,
+                                           colors=8).save(path)
+    s = data.load_splits("folder", str(tmp_path))
+    want = np.asarray(Image.open(path).convert("RGB"))
+    assert any(np.array_equal(want, x) for x in np.concatenate([s.x_train, s.x_val,
+                                                               s.x_test]))
+
+
+def test_every_problem_is_reported_at_once_grouped_by_kind(tmp_path):
+    write_folder(tmp_path, per_class=6, unlabeled=4)
+    train = tmp_path / "train"
+    for i in range(7):  # more of one kind than the report names
+        (train / "dog" / f"notes{i}.txt").write_text("hello")
+    (train / "cat" / "0.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.fromarray(planted(0, 0)).save(train / "loose.png")
+    (train / "fox").mkdir()
+    Image.fromarray(planted(0, 0)).save(train / "fox" / "a.png")
+    # A valid header, the pixels cut off: only decoding finds it out.
+    jpeg = tmp_path / "unlabeled" / "part0" / "cut.jpg"
+    Image.fromarray(planted(1, 1)).save(jpeg, quality=95)
+    jpeg.write_bytes(jpeg.read_bytes()[:-40])
+    Image.fromarray(planted(0, 0, size=(20, 20))).save(train / "emu" / "big.png")
+    lines = _load_error(tmp_path).splitlines()
+    assert lines[0] == (f"{tmp_path} has 12 problems of 6 kinds; fix them all, "
+                        "then rerun:")
+    text = "\n".join(lines)
+    for heading in [
+            "1 x files lie directly in a split folder (put each into a folder named "
+            "after its class):",
+            "7 x files are not images (JPEG, PNG, GIF, BMP, WebP) (move them out of "
+            "the data folder):",
+            "1 x files are not readable images (replace or remove them):",
+            "1 x images cannot be decoded (replace or remove them):",
+            "1 x class folders hold fewer than 2 images (add images or remove the "
+            "folders):",
+            "1 x images differ in size (pass --image-size H,W to resize them all):"]:
+        assert f"  {heading}" in lines, heading
+    assert "    train/dog/notes0.txt" in lines and "    ... and 2 more" in lines
+    assert "notes5.txt" not in text  # the first five of a kind, then a count
+    assert "    train/loose.png" in lines and "    train/fox (1)" in lines
+    assert any(ln.startswith("    unlabeled/part0/cut.jpg (") for ln in lines)
+    assert any(ln.startswith("    train/cat/0.png (") for ln in lines)
+    assert any("20x20: 1 images (e.g. train/emu/big.png)" in ln for ln in lines)
+
+
+def test_a_truncated_unlabeled_image_stops_the_run_before_it_starts(tmp_path):
+    # It passed the header check and failed ~7 s later in k-means, leaving a
+    # run dir that held only config.json.
+    write_folder(tmp_path, per_class=6, unlabeled=4)
+    cut = tmp_path / "unlabeled" / "part1" / "cut.jpg"
+    Image.fromarray(planted(1, 1)).save(cut, quality=95)
+    cut.write_bytes(cut.read_bytes()[:-40])
+    proc = subprocess.run(
+        [sys.executable, "-m", "stl10_keras.train", "--dataset", "folder",
+         "--data-dir", str(tmp_path), "--preset", "smoke", "--run-dir",
+         str(tmp_path / "run"), "--no-export"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {cut} cannot be decoded")
+    assert lines[0].endswith("; replace or remove it.")
+    assert not (tmp_path / "run").exists()
+
+
+def test_os_junk_is_skipped_and_counted(tmp_path):
+    # Thumbs.db was refused while .DS_Store was skipped.
+    write_folder(tmp_path, per_class=5, unlabeled=4)
+    cat = tmp_path / "train" / "cat"
+    (cat / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (cat / "desktop.ini").write_text("[.ShellClassInfo]")
+    (cat / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (cat / "._0.png").write_bytes(b"\0\5\26\7")
+    for junk in (tmp_path / "unlabeled" / "@eaDir", tmp_path / "train" / "__MACOSX"):
+        junk.mkdir(parents=True)
+        (junk / "x.jpg").write_bytes(b"not an image")
+    s = data.load_splits("folder", str(tmp_path))
+    assert s.class_names == ("cat", "dog", "emu") and s.num_unlabeled == 4
+    assert len(s.y_train) + len(s.y_val) + len(s.y_test) == 15
+    skipped = next(n for n in s.notes if n.startswith("skipped"))
+    assert skipped.startswith("skipped 6 entries (not data): ")
+    for name in ("Thumbs.db", "desktop.ini", ".DS_Store", "._* files", "@eaDir/",
+                 "__MACOSX/"):
+        assert f"1 {name}" in skipped
+    # The pipeline's fingerprint does not change with junk either.
+    assert all("Thumbs" not in str(p) and "@eaDir" not in str(p)
+               for p in data.source_files("folder", str(tmp_path)))
+
+
+def test_class_names_are_compared_in_unicode_nfc(tmp_path):
+    # test/ written on macOS (NFD) and train/ elsewhere (NFC): the "rename"
+    # message named two folders that looked identical.
+    import unicodedata
+
+    nfc, nfd = (unicodedata.normalize(form, "caf\u00e9 noir")
+                for form in ("NFC", "NFD"))
+    assert nfc != nfd
+    for split, name, count in (("train", nfc, 5), ("test", nfd, 2),
+                               ("train", "tea", 5), ("test", "tea", 2)):
+        for i in range(count):
+            path = tmp_path / split / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(planted(name == "tea", i)).save(path)
+    s = data.load_splits("folder", str(tmp_path))
+    assert s.class_names == (nfc, "tea")
+    assert sorted(s.y_test.tolist()) == [0, 0, 1, 1]
+
+
+def test_exif_orientation_turns_images_upright_in_training(tmp_path):
+    # A camera's portrait JPEG is stored landscape with orientation 6.
+    write_folder(tmp_path, per_class=3, size=(24, 40), formats=("png",))
+    photo = planted(1, 0, size=(40, 24))  # landscape as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "train" / "dog" / "portrait.jpg"
+    Image.fromarray(photo).save(path, quality=95, exif=exif.tobytes())
+    s = data.load_splits("folder", str(tmp_path))
+    assert s.image_shape == (24, 40, 3)  # no --image-size needed
+    from PIL import ImageOps
+
+    want = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    assert any(np.array_equal(want, x) for x in np.concatenate([s.x_train, s.x_val,
+                                                               s.x_test]))
+
+
+def test_the_data_summary_names_classes_splits_pixels_and_files(tmp_path):
+    write_folder(tmp_path, per_class=5, test_per_class=2, unlabeled=4,
+                 formats=("png", "jpg"))
+    Image.fromarray(planted(0, 0, size=(20, 30))).save(
+        tmp_path / "train" / "cat" / "big.png")
+    s = data.load_splits("folder", str(tmp_path), image_size=(12, 16))
+    lines = s.describe()
+    assert lines[0].startswith(f"data: image folder {tmp_path} (3 classes")
+    assert lines[1] == "  3 classes, labeled images each: cat (6), dog (5), emu (5)"
+    assert lines[2] == ("  train 13, validation 3, test 6, unlabeled 4; images "
+                        "12x16x3")
+    assert lines[3] == ("  pixels: stored 2 sizes, 12x16 to 20x30; resized by "
+                        "--image-size to 12x16 RGB")
+    assert lines[4] == "  files: 17 PNG, 9 JPEG (modes RGB 26)"
+    assert len(lines) == 5  # nothing skipped
+
+
+def test_kmeans_says_how_many_images_it_read_and_warns_in_one_line(tmp_path):
+    # It said "from 10000 unlabeled images" for a folder of 4, then printed a
+    # Python UserWarning with its source line, twice.
+    write_folder(tmp_path, per_class=5, unlabeled=4)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stl10_keras.train", "--dataset", "folder",
+         "--data-dir", str(tmp_path), "--preset", "smoke", "--widths", "4,8",
+         "--fc-units", "8", "--kmeans-images", "20", "--kmeans-patches-per-image",
+         "4", "--run-dir", str(tmp_path / "run"), "--no-export", "--verbose", "0"],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("k-means initialisation of stage(s) [1, 2] from 4 unlabeled images"
+            in proc.stdout.splitlines())
+    warnings = [ln for ln in proc.stderr.splitlines() if "warning" in ln.lower()]
+    assert [ln[ln.index("warning: "):] for ln in warnings] == [
+        "warning: The unlabeled stream ended after 4 of 20 images; k-means uses "
+        "those (lower --kmeans-images to silence this)."]
+    assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr

@@ -5,6 +5,7 @@ a lossless PNG at the model's size, and the `serving_bytes` signature itself for
 files the graph must resize or that are lossy.
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -184,3 +185,27 @@ def test_an_export_without_serving_bytes_is_decoded_the_same_way(
                                            for n, _ in want[1:]]
     np.testing.assert_allclose([p for _, p in printed], [p for _, p in want],
                                atol=5.1e-5)
+
+
+@pytest.mark.parametrize("what", ["run", "version", "run without export"])
+def test_a_run_or_version_folder_gets_the_base_path_to_use(exported, tmp_path,
+                                                           capsys, what):
+    # It said to export a model first, while the model was in the run's base path.
+    run = tmp_path / "runs" / "digits"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "metrics.json").write_text(json.dumps(
+        {"export_path": None if what == "run without export"
+         else str(exported / "1")}))
+    model = exported / "1" if what == "version" else run
+    assert main(["--model", str(model), "x.png"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    if what == "run without export":
+        assert err == (f"error: {run} is a training run with no exported model; "
+                       f"export it with python -m stl10_keras.export --run-dir {run}, "
+                       "then pass --model with the base path it prints.\n")
+    else:
+        assert err.endswith(f"pass --model {exported}"
+                            + (", the folder that holds the versions.\n"
+                               if what == "version" else ".\n"))

@@ -623,3 +623,21 @@ def test_serve_benchmark_compares_batching_off_and_on_beside_the_bound():
     for row in rows:
         assert row[-1] == "0", row
         assert float(row[8]) == pytest.approx(float(row[7]) / bound, abs=0.006)
+
+
+def test_serving_a_run_folder_names_its_models_base_path(exported, tmp_path):
+    # It said to export a model first, while the model was in the run's base path.
+    _, base = exported
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps({"export_path": str(base / "1")}))
+    with pytest.raises(NoVersionError) as info:
+        ModelRepository(run, NAME).start()
+    assert str(info.value) == (
+        f"{run} is a training run, not a model base path; its model was exported "
+        f"to {base}: pass --model-base-path {base}.")
+    with pytest.raises(NoVersionError) as info:
+        ModelRepository(base / "1", NAME).start()
+    assert str(info.value) == (
+        f"{base / '1'} is one version of an exported model, not its base path; pass "
+        f"--model-base-path {base}, the folder that holds the versions.")

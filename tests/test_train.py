@@ -242,6 +242,36 @@ def test_missing_data_leaves_no_run_behind_so_a_fixed_data_dir_is_not_refused(
     assert "different config" not in err and err.count("error: ") == 2
 
 
+def _tree_bytes(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dataset", "folder", "--data-dir", "typo"],  # no such folder
+    ["--dataset", "folder", "--data-dir", "empty"],  # no train/ in it
+    ["--dataset", "fashion_mnist", "--data-dir", "empty", "--no-download"],
+])
+def test_overwrite_with_data_that_does_not_load_leaves_the_old_run_as_it_was(
+        tmp_path, capsys, monkeypatch, flags):
+    # --overwrite deleted the finished run first and only then found the data
+    # missing: the run was lost to a typo.
+    from stl10_keras.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    run = tmp_path / "run"
+    _fake_finished_run(run, preset("smoke", "digits"))
+    (run / "model.keras").write_bytes(b"weights")
+    (run / "figures").mkdir()
+    (run / "figures" / "filters_stage1.png").write_bytes(b"png")
+    before = _tree_bytes(run)
+    rc = main([*flags, "--preset", "smoke", "--overwrite", "--no-export",
+               "--run-dir", str(run)])
+    assert rc == 1 and capsys.readouterr().err.startswith("error: ")
+    assert _tree_bytes(run) == before
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path, capsys):
     from stl10_keras.cli import main
 
@@ -607,3 +637,74 @@ def test_accuracy_of_many_runs_in_one_process_warns_of_no_retracing(caplog):
     for model, images, labels, got in evaluated:
         logits = model.predict(images.astype("float32"), verbose=0)
         assert got == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-12)
+
+
+# --- the data a run is trained on ------------------------------------------------
+
+def _sha256(path):
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_run_records_its_data_and_a_rerun_on_changed_data_is_refused(tmp_path,
+                                                                      capsys):
+    # Adding images and rerunning printed the old results without a word.
+    from PIL import Image
+
+    from stl10_keras.cli import main
+    from test_folder import planted, write_folder
+
+    folder, run = tmp_path / "images", tmp_path / "run"
+    write_folder(folder, per_class=5, unlabeled=3)
+    (folder / "train" / "cat" / "Thumbs.db").write_bytes(b"junk")
+    flags = ["--dataset", "folder", "--data-dir", str(folder), "--preset", "smoke",
+             "--variant", "baseline", "--widths", "4,8", "--fc-units", "8",
+             "--epochs", "1", "--no-export", "--verbose", "2", "--run-dir", str(run)]
+    assert main(flags) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"data: image folder {folder} (3 classes")
+    record = json.loads((run / "data.json").read_text())
+    files = sorted(p for p in folder.rglob("*") if p.is_file()
+                   and p.name != "Thumbs.db")
+    assert record["files"] == {
+        p.relative_to(folder).as_posix(): {
+            "size": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns,
+            "sha256": _sha256(p)} for p in files}
+
+    assert main(flags) == 0  # unchanged: the finished run, reported
+    assert "already holds a finished run" in capsys.readouterr().out
+    before = _tree_bytes(run)
+    Image.fromarray(planted(2, 9)).save(folder / "train" / "cat" / "0.png")
+    Image.fromarray(planted(1, 9)).save(folder / "train" / "dog" / "new.png")
+    assert main(flags) == 2
+    captured = capsys.readouterr()
+    assert "accuracy" not in captured.out
+    assert captured.err.splitlines() == [
+        f"error: {run} was trained on other data: since it started, 1 file added "
+        f"(train/dog/new.png), 1 file changed (train/cat/0.png) in {folder}; pass "
+        "--overwrite to train it again on the data as it is now, or another "
+        "--run-dir."]
+    assert _tree_bytes(run) == before  # nothing overwritten
+    # --overwrite trains it again, on the new data, and records that.
+    assert main([*flags, "--overwrite"]) == 0
+    record = json.loads((run / "data.json").read_text())
+    assert "train/dog/new.png" in record["files"]
+    assert record["files"]["train/cat/0.png"]["sha256"] == _sha256(
+        folder / "train" / "cat" / "0.png")
+
+
+def test_a_folder_runs_default_name_holds_the_folders_name():
+    # Every folder was folder_kmeans12_s0: a second folder collided with the
+    # first's run ("a different config").
+    from stl10_keras.cli import default_run_name
+
+    def name(data_dir, preset_name="default"):
+        config = preset(preset_name, "folder")
+        config.data.data_dir = data_dir
+        return default_run_name(config)
+
+    assert name("/data/My Photos") == "folder-My-Photos_kmeans12_s0"
+    assert name("/data/pets/", "smoke") == "folder-pets_kmeans12_smoke_s0"
+    assert name("/data/\u00f1and\u00fa") == "folder-\u00f1and\u00fa_kmeans12_s0"
+    assert name("/a/one") != name("/b/two")

@@ -37,3 +37,32 @@ def test_augmentation_grid_rejects_mismatched_shapes(tmp_path):
         save_augmentation_grid(
             np.zeros((4, 8, 8, 3)), np.zeros((4, 8, 9, 3)), str(tmp_path / "x.png")
         )
+
+
+def test_the_augmentation_figure_shows_every_class_in_a_named_row(tmp_path):
+    # A folder's training images come class by class: the figure showed 36
+    # images of the first class, unnamed.
+    from stl10_keras.visualize import augmentation_figure
+
+    colours = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0]])
+    labels = np.repeat(np.arange(4), [50, 30, 3, 40])
+    images = colours[labels][:, None, None, :].repeat(20, 1).repeat(20, 2)
+    images = images.astype(np.uint8)
+    names = ["T-shirt", "big coat", "\u00f1and\u00fa", "bag"]
+
+    def identity(x, training):
+        return x
+
+    rows = augmentation_figure(identity, images, tmp_path, labels, names)
+    assert rows == names
+    figure = matplotlib.image.imread(str(tmp_path / "figures" / "augmentation.png"))
+    figure = np.rint(figure[..., :3] * 255).astype(int)
+    half = figure.shape[1] // 2
+    for colour in colours:  # every class, on both sides
+        hits = np.all(figure == colour, axis=-1)
+        assert hits[:, :half].sum() >= 9 * 32 * 32 and hits[:, half:].sum() > 0
+    # The names are drawn left of the images: dark text pixels there.
+    first = np.flatnonzero(np.any(np.all(figure == colours[0], -1), axis=0))[0]
+    assert (figure[:, :first - 2].sum(-1) < 200).any()
+    without = augmentation_figure(identity, images, tmp_path)  # the first 36
+    assert without == []

@@ -94,7 +94,8 @@ class FixMatchMethod(Method):
         config, run_dir = self.config, self.run_dir
         figure_layer = weak_augmentation(config, seed=config.train.seed)
         if figure_layer is not None and run_dir is not None:
-            augmentation_figure(figure_layer, splits.x_train, run_dir)
+            augmentation_figure(figure_layer, splits.x_train, run_dir,
+                                splits.y_train, splits.class_names)
         known = getattr(splits, "unlabeled_labels", None) is not None
         training_model = self.build(model, track_pseudo_label_accuracy=known)
         if run_dir is not None:

@@ -50,7 +50,8 @@ def augmentation_layer(config, splits, run_dir: Path | None):
 
     layer = random_affine_from_config(config.augment, seed=config.train.seed)
     if run_dir is not None:
-        augmentation_figure(layer, splits.x_train, run_dir)
+        augmentation_figure(layer, splits.x_train, run_dir, splits.y_train,
+                            splits.class_names)
     return layer
 
 

@@ -212,12 +212,14 @@ def _output_json(name: str, array: np.ndarray) -> Any:
 
 
 def _locate_bad_image(values: list[bytes]) -> int | None:
-    """The index of the first image `tf.io.decode_image` rejects (error path only)."""
+    """The index of the first image the graph's decoder rejects (error path only)."""
     import tensorflow as tf
+
+    from stl10_keras.images import decode
 
     for i, data in enumerate(values):
         try:
-            tf.io.decode_image(data, expand_animations=False)
+            decode(tf.constant(data))
         except tf.errors.InvalidArgumentError:
             return i
     return None

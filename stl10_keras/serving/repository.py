@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stl10_keras.errors import NoVersionError, one_line
-from stl10_keras.export import IMAGE_BYTES_INPUT, list_versions
+from stl10_keras.export import IMAGE_BYTES_INPUT, base_path_hint, list_versions
 from stl10_keras.serving.errors import RequestError, clip
 
 #: TF Serving's versions are int64 (`absl::SimpleAtoi` into `int64_t`).
@@ -234,9 +234,9 @@ class ModelRepository:
                 f"{base} does not exist; pass the --model-base-path of an exported "
                 "model (saved_models/NAME, which holds 1/, 2/, ...).")
         if not list_versions(base):
-            raise NoVersionError(
+            raise NoVersionError(base_path_hint(base, "--model-base-path") or (
                 f"{base} holds no version folder with a saved_model.pb (1/, 2/, ...); "
-                "export a model into it first (python -m stl10_keras.train).")
+                "export a model into it first (python -m stl10_keras.train)."))
         self.refresh(settle=False)
         if self._latest is None:
             reasons = "; ".join(f"version {v}: {msg}" for v, (_, _, msg)

@@ -50,6 +50,8 @@ class Splits:
         unlabeled_labels: the unlabeled images' true labels in stream order,
             where the dataset knows them (digits); only FixMatch's
             pseudo-label accuracy metric reads them. None otherwise.
+        notes: lines the source adds to the data summary (`describe`), such
+            as an image folder's formats and skipped files.
     """
 
     name: str
@@ -66,6 +68,25 @@ class Splits:
     source: str
     val_indices: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     unlabeled_labels: np.ndarray | None = None
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> list[str]:
+        """The data summary a command prints before training (one screen)."""
+        counts = np.bincount(np.concatenate([self.y_train, self.y_val]),
+                             minlength=len(self.class_names))
+        classes = ", ".join(f"{name} ({n})"
+                            for name, n in zip(self.class_names, counts))
+        unlabeled = ("?" if self.num_unlabeled is None
+                     else f"{self.num_unlabeled:,}")
+        h, w, c = self.image_shape
+        lines = [
+            f"data: {self.source}",
+            f"  {len(self.class_names)} classes, labeled images each: {classes}",
+            f"  train {len(self.y_train):,}, validation {len(self.y_val):,}, "
+            f"test {len(self.y_test):,}, unlabeled {unlabeled}; images "
+            f"{h}x{w}x{c}",
+        ]
+        return lines + [f"  {note}" for note in self.notes]
 
     def summary(self) -> dict:
         return {

@@ -1,59 +1,165 @@
-"""Image files -> uint8 arrays: decode, convert channels, resize (Pillow).
+"""Image files for the sources: which files are images and which are OS junk,
+what a file's header says, its pixels, and arrays brought to a size.
 
-One place for what every image source needs: which files are images, how
-one is decoded into `(H, W, C)` uint8 with 1 or 3 channels, and how arrays
-already in memory are brought to another size or channel count.
+The pixels of a file come from `stl10_keras.images.preprocess`, the path the
+SavedModel's `serving_bytes` signature runs in its graph, so a model is
+trained on exactly what it is served. Pillow only reads headers here (format,
+size, mode, EXIF orientation), which is cheap and names a bad file clearly.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
+from stl10_keras import images
 from stl10_keras.errors import DataUnavailableError
 from stl10_keras.sources.base import Splits
 
 # The formats `keras.utils.image_dataset_from_directory` reads, plus WebP.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 # Pillow modes that hold one gray channel (with or without alpha).
-GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
+GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+# What operating systems and NAS boxes leave beside images (lower case).
+JUNK_FILES = {"thumbs.db": "Thumbs.db", "desktop.ini": "desktop.ini",
+              ".ds_store": ".DS_Store"}
+JUNK_FOLDERS = {"@eadir": "@eaDir/", "__macosx": "__MACOSX/"}
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def image_header(path: Path) -> tuple[tuple[int, int], int]:
-    """`((H, W), channels)` of an image file, from its header (not decoded).
+def junk_kind(name: str, is_dir: bool) -> str | None:
+    """Why an entry is skipped as operating-system junk (None: it is not).
+
+    Thumbs.db, desktop.ini, .DS_Store, macOS's `._*` files, Synology's
+    `@eaDir/`, macOS archives' `__MACOSX/`, and any other hidden (dot) entry.
+    """
+    lower = name.lower()
+    if is_dir:
+        if lower in JUNK_FOLDERS:
+            return JUNK_FOLDERS[lower]
+        return "hidden folders" if name.startswith(".") else None
+    if lower in JUNK_FILES:
+        return JUNK_FILES[lower]
+    if name.startswith("._"):
+        return "._* files"
+    return "hidden files" if name.startswith(".") else None
+
+
+@dataclass
+class Listing:
+    """What a folder holds, sorted: image files, other files, skipped junk."""
+
+    images: list[Path] = field(default_factory=list)
+    not_images: list[Path] = field(default_factory=list)
+    subfolders: list[Path] = field(default_factory=list)  # not recursive only
+    skipped: dict[str, list[Path]] = field(default_factory=dict)
+
+    def skip(self, kind: str, path: Path) -> None:
+        self.skipped.setdefault(kind, []).append(path)
+
+
+def list_folder(folder: Path, recursive: bool = False) -> Listing:
+    """Sort `folder`'s entries (and, if `recursive`, its sub-folders') into
+    image files, other files, sub-folders and junk; nothing raises."""
+    out = Listing()
+    for root, dirs, names in os.walk(folder):
+        here = Path(root)
+        kept = []
+        for d in sorted(dirs):
+            kind = junk_kind(d, is_dir=True)
+            if kind:
+                out.skip(kind, here / d)
+            elif recursive:
+                kept.append(d)
+            else:
+                out.subfolders.append(here / d)
+        dirs[:] = kept
+        for name in sorted(names):
+            path = here / name
+            kind = junk_kind(name, is_dir=False)
+            if kind:
+                out.skip(kind, path)
+            elif is_image_file(path):
+                out.images.append(path)
+            else:
+                out.not_images.append(path)
+    out.images.sort()
+    out.not_images.sort()
+    return out
+
+
+@dataclass
+class Header:
+    """What an image file's header says (nothing is decoded)."""
+
+    format: str
+    size: tuple[int, int]  # (H, W), upright (EXIF orientation applied)
+    mode: str
+    gray: bool
+
+
+def read_header(path: Path) -> Header:
+    """The header of an image file, as Pillow reads it.
 
     Raises:
-        DataUnavailableError: the file is not a readable image.
+        ValueError: the file is not an image the decode path reads; the
+            message is the reason (no file name, no full stop).
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            width, height = image.size
-            channels = 1 if _is_gray(image) else 3
-            # Checks the file's structure without decoding it all; the image
-            # object is unusable afterwards.
-            image.verify()
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-        raise DataUnavailableError(
-            f"{path} is not a readable image ({_reason(e)}); replace or remove it."
-        ) from None
-    return (height, width), channels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. Pillow's DecompressionBombWarning
+            with Image.open(path) as image:
+                fmt, (width, height), mode = image.format, image.size, image.mode
+                gray = _is_gray(image)
+                orientation = _orientation(image)
+                compression = image.info.get("compression") if fmt == "BMP" else None
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as e:
+        raise ValueError(reason(e)) from None
+    if fmt not in images.FORMATS:
+        raise ValueError(f"a {fmt} image; convert it to PNG or JPEG")
+    if compression in (images.BMP_RLE8, images.BMP_RLE4):
+        raise ValueError("a run-length compressed BMP; convert it to PNG")
+    if orientation in (5, 6, 7, 8):  # a quarter turn: width and height swap
+        width, height = height, width
+    return Header(fmt, (height, width), mode, gray)
+
+
+def _orientation(image) -> int:
+    """The EXIF orientation found while opening (JPEG, WebP, a PNG's `eXIf`
+    before its pixels): what `images.exif_orientation` reads in the graph.
+    `Image.getexif` is not asked: for a PNG it may decode the whole image."""
+    from PIL import Image
+
+    raw = image.info.get("exif")
+    if not raw:
+        return 1
+    try:
+        exif = Image.Exif()
+        exif.load(raw)
+        value = int(exif.get(0x0112, 1))
+    except Exception:  # malformed EXIF is ignored, as the graph ignores it
+        return 1
+    return value if 1 <= value <= 8 else 1
 
 
 def _is_gray(image) -> bool:
     """Gray modes, and palette images (GIF) whose palette holds only grays.
 
     WebP and JPEG files written from gray pixels may decode as RGB (WebP
-    stores no gray): such images count as RGB, as Pillow reads them.
+    stores no gray): such images count as RGB, as they are stored.
     """
     if image.mode in GRAY_MODES:
         return True
@@ -65,60 +171,83 @@ def _is_gray(image) -> bool:
     return False
 
 
-def decode_image(path: Path, size: tuple[int, int] | None, channels: int) -> np.ndarray:
-    """Decode an image file into `(H, W, channels)` uint8, resized to `size`.
+def reason(e: BaseException) -> str:
+    """An exception's message on one line, without a trailing full stop or
+    TensorFlow's `{{function_node ...}}` prefix."""
+    import re
 
-    Gray images are repeated into 3 channels and colour images converted to
-    luminance (ITU-R 601-2, Pillow's `L`) as `channels` asks; transparency
-    is dropped; an animated GIF gives its first frame.
+    from stl10_keras.errors import one_line
+
+    return re.sub(r"\{\{[^}]*\}\}\s*", "", one_line(e)) or type(e).__name__
+
+
+def decode_bytes(data: bytes, size: tuple[int, int], channels: int) -> np.ndarray:
+    """`images.preprocess` of an encoded image: uint8 `(H, W, channels)`.
 
     Raises:
-        DataUnavailableError: the file cannot be decoded.
+        ValueError: it cannot be decoded; the message is the reason.
     """
-    from PIL import Image, UnidentifiedImageError
+    from stl10_keras.io_utils import import_tensorflow
 
+    tf = import_tensorflow()  # quietly: its start-up logs would come first
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB")
-            if size is not None and image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        return images.preprocess_fn(size[0], size[1], channels)(
+            tf.constant(data)).numpy()
+    except tf.errors.InvalidArgumentError as e:
+        raise ValueError(reason(e)) from None
+
+
+def decode_file(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """`decode_bytes` of a file.
+
+    Raises:
+        DataUnavailableError: the file cannot be read or decoded.
+    """
+    try:
+        return decode_bytes(path.read_bytes(), size, channels)
+    except (OSError, ValueError) as e:
         raise DataUnavailableError(
-            f"{path} cannot be decoded ({_reason(e)}); replace or remove it."
+            f"{path} cannot be decoded ({reason(e)}); replace or remove it."
         ) from None
-    return array.reshape(array.shape[0], array.shape[1], channels)
 
 
-def _reason(e: Exception) -> str:
-    return " ".join(str(e).split()) or type(e).__name__
-
-
-def conform(images: np.ndarray, size: tuple[int, int] | None,
-            channels: int | None) -> np.ndarray:
+def conform(images_: np.ndarray, size: tuple[int, int] | None,
+            channels: int | None, chunk: int = 256) -> np.ndarray:
     """uint8 NHWC images at `size` (H, W) with `channels` (1 or 3); None keeps it.
 
-    Channels: gray is repeated into RGB; RGB becomes luminance with Pillow's
-    weights (`L = R * 299/1000 + G * 587/1000 + B * 114/1000`).
+    The channel conversion and resize of `stl10_keras.images` (gray repeated,
+    Pillow's luminance, Pillow's bilinear filter), which serving applies to
+    an encoded image: the same pixels whether a model's images came from a
+    file or from arrays. Without TensorFlow, Pillow itself does both.
     """
+    from stl10_keras import runtime
+
+    same_channels = channels is None or images_.shape[-1] == channels
+    same_size = size is None or tuple(images_.shape[1:3]) == tuple(size)
+    if same_channels and same_size:
+        return images_
+    channels = channels or images_.shape[-1]
+    size = tuple(size) if size is not None else tuple(images_.shape[1:3])
+    if not runtime.tensorflow_installed():
+        return _conform_with_pillow(images_, size, channels)
+    out = np.empty((len(images_), size[0], size[1], channels), np.uint8)
+    for i in range(0, len(images_), chunk):
+        batch = images.to_channels(images_[i:i + chunk], channels)
+        out[i:i + chunk] = images.resize(batch, size[0], size[1]).numpy()
+    return out
+
+
+def _conform_with_pillow(array: np.ndarray, size: tuple[int, int],
+                         channels: int) -> np.ndarray:
     from PIL import Image
 
-    if channels is not None and images.shape[-1] != channels:
-        if channels == 3:
-            images = np.repeat(images, 3, axis=-1)
-        else:
-            weights = np.array([299, 587, 114], np.float32) / 1000.0
-            images = np.clip(np.rint(images.astype(np.float32) @ weights), 0, 255)
-            images = images.astype(np.uint8)[..., None]
-    if size is None or tuple(images.shape[1:3]) == tuple(size):
-        return images
-    c = images.shape[-1]
-    out = np.empty((len(images), size[0], size[1], c), np.uint8)
-    for i, image in enumerate(images):
-        pil = Image.fromarray(image[..., 0] if c == 1 else image)
-        resized = np.asarray(pil.resize((size[1], size[0]),
-                                        Image.Resampling.BILINEAR))
-        out[i] = resized.reshape(size[0], size[1], c)
+    out = np.empty((len(array), size[0], size[1], channels), np.uint8)
+    for i, image in enumerate(array):
+        pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        pil = pil.convert("L" if channels == 1 else "RGB")
+        if pil.size != (size[1], size[0]):
+            pil = pil.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+        out[i] = np.asarray(pil).reshape(size[0], size[1], channels)
     return out
 
 
@@ -139,29 +268,3 @@ def conform_splits(splits: Splits, size: tuple[int, int] | None,
         x_test=conform(splits.x_test, size, channels),
         unlabeled_batches=unlabeled_batches,
     )
-
-
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
-    """Image files in `folder` (sorted); any other file is an error.
-
-    Hidden files (`.DS_Store`, `._x.jpg`) are not images and are passed over,
-    as `keras.utils.image_dataset_from_directory` does.
-
-    Raises:
-        DataUnavailableError: a file that is not a JPEG, PNG, GIF, BMP or WebP.
-    """
-    files = []
-    walk = os.walk(folder) if recursive else [(str(folder), [], os.listdir(folder))]
-    for root, dirs, names in walk:
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in sorted(names):
-            path = Path(root) / name
-            if name.startswith(".") or path.is_dir():
-                continue
-            if not is_image_file(path):
-                raise DataUnavailableError(
-                    f"{path} is not an image ({', '.join(IMAGE_EXTENSIONS)}); move it "
-                    "out of the data folder."
-                )
-            files.append(path)
-    return sorted(files)

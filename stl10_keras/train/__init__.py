@@ -167,8 +167,7 @@ def train(
         init_from_path(config.semi_supervised.init_from)  # refused before a run
     method = methods.get(config.semi_supervised.method)
     method.check_data(config, splits)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run.dir / "config.json", config.to_dict())
+    _open_run(run, config, splits, verbose)
 
     keras = runtime.load_keras()
     if verbose and device_line:
@@ -203,6 +202,9 @@ class _Run:
     dist: "Distributed"
     has_tf: bool
     finished: dict | None = None  # metrics of a run that already finished
+    # `--overwrite` of a run that exists: it is removed by `_open_run`, once the
+    # new config and its data have loaded, so a mistake there loses nothing.
+    replaces: bool = False
 
 
 @dataclass
@@ -245,9 +247,10 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
     check_output_dir(run_dir, "--run-dir")
     if export_dir is not None:
         check_output_dir(export_dir, "--export-dir")
-    if overwrite and run_dir.exists():
-        _remove_run(run_dir, keep_process_dirs=dist.processes > 1)
-    run = _Run(run_dir, export_dir, dist, has_tf)
+    run = _Run(run_dir, export_dir, dist, has_tf,
+               replaces=overwrite and run_dir.exists())
+    if run.replaces:
+        return run  # neither compared nor reported: it is trained anew
     config_path = run_dir / "config.json"
     # Checked before a finished run is reported: its results are not this config's.
     if config_path.exists():
@@ -255,8 +258,10 @@ def _prepare(config: Config, run_dir: Path, export_dir, overwrite: bool,
         if previous != json.loads(config.to_json()):  # JSON has lists, not tuples
             raise ConfigError(
                 f"{run_dir} holds a run with a different config; resume it with "
-                f"--config {config_path}, or pass --overwrite or another --run-dir."
+                f"--config {config_path}, or pass another --run-dir (--overwrite "
+                "deletes that run)."
             )
+    _check_same_data(config, run_dir)
     if (run_dir / "metrics.json").exists():
         run.finished = read_run_json(run_dir / "metrics.json")
         _remove_resume_files(run_dir)  # left by a kill just after metrics.json
@@ -528,6 +533,54 @@ def read_run_json(
         raise ConfigError(f"{path} cannot be read ({e}); {fix}.") from None
 
 
+def _open_run(run: _Run, config: Config, splits, verbose: int) -> None:
+    """Start the run's records: its config, the data it is trained on
+    (`data.DATA_RECORD`); say what data that is.
+
+    Called once the config and all its data have loaded and passed their checks,
+    right before any work, and only then is a run that `--overwrite` replaces
+    removed: a typo in `--data-dir` or a flag leaves the old run as it was.
+    """
+    from stl10_keras import data as data_lib
+
+    if run.replaces:
+        _remove_run(run.dir, keep_process_dirs=run.dist.processes > 1)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run.dir / "config.json", config.to_dict())
+    record_path = run.dir / data_lib.DATA_RECORD
+    if not record_path.exists():  # a resumed run keeps the record it started with
+        record = data_lib.data_record(config.data.dataset, config.data.data_dir)
+        atomic_write_json(record_path, record)
+    summary = "\n".join(splits.describe())
+    if verbose and summary not in _DESCRIBED:  # an ablation's runs: said once
+        _DESCRIBED.add(summary)
+        print(summary, flush=True)
+
+
+#: The data summaries printed by this process.
+_DESCRIBED: set[str] = set()
+
+
+def _check_same_data(config: Config, run_dir: Path) -> None:
+    """A run (finished or not) whose data has changed since it started is not
+    reported or resumed as if it were this data's."""
+    from stl10_keras import data as data_lib
+
+    record_path = run_dir / data_lib.DATA_RECORD
+    if not record_path.exists():
+        return  # a run from before runs recorded their data, or not started
+    previous = read_run_json(record_path)
+    current = data_lib.data_record(config.data.dataset, config.data.data_dir,
+                                   previous)
+    changes = data_lib.data_changes(previous, current)
+    if changes:
+        where = config.data.data_dir or "the data"
+        raise ConfigError(
+            f"{run_dir} was trained on other data: since it started, {changes} in "
+            f"{where}; pass --overwrite to train it again on the data as it is "
+            "now, or another --run-dir.")
+
+
 def _remove_run(run_dir: Path, keep_process_dirs: bool) -> None:
     """`--overwrite`: delete a run; in a multi-host job each process its own.
 
@@ -631,8 +684,12 @@ def _kmeans_init(config, model, splits, run_dir: Path, resuming: bool,
         apply_kmeans_weights(model, precomputed["weights"])
         result = precomputed
     else:
+        # What k-means will read: --kmeans-images, or all there are if fewer.
+        available = splits.num_unlabeled
+        count = config.kmeans.num_images if available is None else min(
+            config.kmeans.num_images, available)
         print(f"k-means initialisation of stage(s) {list(config.kmeans.stages)} from "
-              f"{config.kmeans.num_images} unlabeled images")
+              f"{count:,} unlabeled images")
         result = kmeans_init(model, config, lambda: splits.unlabeled_batches(256))
     info = {"kmeans_seconds": result["kmeans_seconds"], "layers": result["layers"]}
     atomic_write_json(info_path, info)
