@@ -339,8 +339,11 @@ class FreeMatch(FixMatch):
         return terms
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if isinstance(y_pred, (tuple, list)):
-            self.threshold_tracker.update_state(ops.mean(y_pred[3][0]))
+        if not isinstance(y_pred, (tuple, list)):
+            # Validation has no unlabeled batch: leave its threshold out.
+            logs = super().compute_metrics(x, y, y_pred, sample_weight)
+            return {k: v for k, v in logs.items() if k != "threshold"}
+        self.threshold_tracker.update_state(ops.mean(y_pred[3][0]))
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_config(self):

@@ -83,9 +83,14 @@ def test_states_thresholds_and_loss_of_a_batch_match_numpy():
     np.testing.assert_allclose(fm.label_hist.numpy(), hist, rtol=1e-5)
     thresholds = time_p * p_model / p_model.max()
     np.testing.assert_allclose(np.asarray(state[0]), thresholds, rtol=1e-5)
-    # Inference does not move the states.
+    # Inference does not move the states, and validation logs no threshold.
     fm((labeled, unlabeled), training=False)
     np.testing.assert_allclose(float(fm.time_p.numpy()), time_p, rtol=1e-5)
+    fm.compile(optimizer="sgd",
+               loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+               metrics=["accuracy"])
+    logs = fm.evaluate(labeled, np.arange(4) % 10, verbose=0, return_dict=True)
+    assert "threshold" not in logs and "accuracy" in logs
     # The loss: supervised + lambda * masked CE + fairness_weight * fairness.
     fm.compile(optimizer="sgd",
                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
