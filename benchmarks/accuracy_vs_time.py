@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---:|---:|---:|")
     for run in map(Path, args.runs):
         seconds, accuracy, metrics = curve(run)
-        label = f"{run.name} ({metrics['variant']})"
+        label = f"{run.parent.name}/{run.name} ({metrics['variant']})"
         ax.plot(seconds, accuracy, label=label)
         print(f"| {label} | {100 * metrics['val_accuracy']:.2f} | "
               f"{100 * metrics['test_accuracy']:.2f} | {seconds[-1]:.0f} |")

@@ -41,7 +41,7 @@ def test_the_command_prints_a_row_per_run_and_writes_the_figure(tmp_path):
                           env=subprocess_env(), capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "| a (baseline) | 80.00 | 75.00 | 10 |" in proc.stdout
+    assert f"| {tmp_path.name}/a (baseline) | 80.00 | 75.00 | 10 |" in proc.stdout
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = subprocess.run([sys.executable, str(ROOT / "benchmarks" /
                                               "accuracy_vs_time.py"),
