@@ -114,3 +114,23 @@ def serve_cli(*args, with_process=False):
             proc.communicate()
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and "Stopped." in stderr
+
+
+def export_sharp_model(folder, name: str):
+    """The smoke preset's digits network with its logits scaled 30x (sharper
+    classes, so that a served class does not flip on float noise), exported as
+    TF Serving's `folder/name/1`. Returns `(model, base path)`."""
+    import keras
+
+    from stl10_keras.config import preset
+    from stl10_keras.export import export_saved_model
+    from stl10_keras.model import build_model
+
+    keras.utils.set_random_seed(0)
+    model = build_model(preset("smoke", "digits"), (32, 32, 3))
+    logits = model.get_layer("logits")
+    kernel, bias = logits.get_weights()
+    logits.set_weights([kernel * 30.0, bias])
+    base = Path(folder) / name
+    export_saved_model(model, base, [f"class{i}" for i in range(10)])
+    return model, base

@@ -26,7 +26,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -35,11 +34,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from conftest import ROOT, rest_server, serve_cli, subprocess_env
-from stl10_keras.config import preset
+from conftest import (ROOT, export_sharp_model, rest_server, serve_cli,
+                      subprocess_env)
 from stl10_keras.errors import UsageError
-from stl10_keras.export import export_saved_model
-from stl10_keras.model import build_model
 from stl10_keras.serving.batching import (
     Batcher,
     BatchingOptions,
@@ -348,13 +345,7 @@ def test_variable_length_inputs_batch_apart_or_padded():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    model = build_model(preset("smoke", "digits"), (32, 32, 3))
-    logits = model.get_layer("logits")  # sharper classes, as in test_serve.py
-    kernel, bias = logits.get_weights()
-    logits.set_weights([kernel * 30.0, bias])
-    base = tmp_path_factory.mktemp("batching") / NAME
-    export_saved_model(model, base, [f"class{i}" for i in range(10)])
+    model, base = export_sharp_model(tmp_path_factory.mktemp("batching"), NAME)
     return base
 
 

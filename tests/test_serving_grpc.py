@@ -29,7 +29,8 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 
-from conftest import ROOT, rest_server, serve_cli, subprocess_env
+from conftest import (ROOT, export_sharp_model, rest_server, serve_cli,
+                      subprocess_env)
 from stl10_keras.config import preset
 from stl10_keras.export import export_saved_model
 from stl10_keras.model import build_model
@@ -60,13 +61,7 @@ def png(image):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    model = build_model(preset("smoke", "digits"), (32, 32, 3))
-    logits = model.get_layer("logits")  # sharper classes, as in test_serve.py
-    kernel, bias = logits.get_weights()
-    logits.set_weights([kernel * 30.0, bias])
-    base = tmp_path_factory.mktemp("grpc") / NAME
-    export_saved_model(model, base, [f"class{i}" for i in range(10)])
+    model, base = export_sharp_model(tmp_path_factory.mktemp("grpc"), NAME)
     return model, base
 
 
