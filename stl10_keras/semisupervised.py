@@ -103,6 +103,9 @@ class FixMatch(keras.Model):
         `pseudo_label_accuracy` when tracked.
     """
 
+    #: Metrics of the unlabeled batches: left out of validation's logs.
+    unlabeled_metric_names = METRIC_NAMES
+
     def __init__(self, model: keras.Model, weak: keras.layers.Layer | None,
                  strong: keras.layers.Layer, confidence_threshold: float = 0.95,
                  unlabeled_weight: float = 1.0,
@@ -169,7 +172,8 @@ class FixMatch(keras.Model):
         if not isinstance(y_pred, (tuple, list)):
             logs = super().compute_metrics(x, y, y_pred, sample_weight)
             # Validation has no unlabeled batch: leave its zeros out.
-            return {k: v for k, v in logs.items() if k not in METRIC_NAMES}
+            return {k: v for k, v in logs.items()
+                    if k not in self.unlabeled_metric_names}
         labels, unlabeled_labels = y
         labeled_logits = y_pred[0]
         super().compute_metrics(x, labels, labeled_logits, sample_weight)
@@ -338,12 +342,11 @@ class FreeMatch(FixMatch):
         terms["thresholds"] = state[0]
         return terms
 
+    unlabeled_metric_names = METRIC_NAMES + ("threshold",)
+
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        if not isinstance(y_pred, (tuple, list)):
-            # Validation has no unlabeled batch: leave its threshold out.
-            logs = super().compute_metrics(x, y, y_pred, sample_weight)
-            return {k: v for k, v in logs.items() if k != "threshold"}
-        self.threshold_tracker.update_state(ops.mean(y_pred[3][0]))
+        if isinstance(y_pred, (tuple, list)):
+            self.threshold_tracker.update_state(ops.mean(y_pred[3][0]))
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def get_config(self):

@@ -134,3 +134,16 @@ def export_sharp_model(folder, name: str):
     base = Path(folder) / name
     export_saved_model(model, base, [f"class{i}" for i in range(10)])
     return model, base
+
+
+def predict_request(signature="", name="digits", **inputs):
+    """A TF Serving `PredictRequest` for model `name` with `inputs` as tensors."""
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    request.model_spec.signature_name = signature
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
+    return request

@@ -32,10 +32,10 @@ import tensorflow as tf
 from google.protobuf import descriptor_pb2, text_format
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
-from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-from conftest import (ROOT, export_sharp_model, rest_server, serve_cli,
-                      subprocess_env)
+from conftest import (ROOT, export_sharp_model, predict_request, rest_server,
+                      serve_cli, subprocess_env)
 from stl10_keras.errors import UsageError
 from stl10_keras.serving.batching import (
     Batcher,
@@ -399,13 +399,6 @@ def rest(url, body, timeout=120):
         return e.code, json.loads(e.read())
 
 
-def grpc_request(signature="", **inputs):
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = NAME
-    request.model_spec.signature_name = signature
-    for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-    return request
 
 
 def send(kind, url, stub, x):
@@ -421,9 +414,9 @@ def send(kind, url, stub, x):
         assert status == 200, body
         return np.array(body["outputs"]["probabilities"], np.float32)
     if kind == "gRPC":
-        response = stub.Predict(grpc_request(images=x), timeout=120)
+        response = stub.Predict(predict_request(images=x), timeout=120)
     else:  # gRPC, PNG
-        response = stub.Predict(grpc_request(
+        response = stub.Predict(predict_request(
             "serving_bytes", image_bytes=np.array([png(i) for i in x], object)),
             timeout=120)
     return tf.make_ndarray(response.outputs["probabilities"])
@@ -494,7 +487,7 @@ def test_a_request_that_fails_in_a_batch_fails_alone(exported, reference):
                 "signature_name": "serving_bytes",
                 "instances": [{"b64": base64.b64encode(png(good[0])).decode()},
                               {"b64": base64.b64encode(truncated).decode()}]})
-            bad_grpc = pool.submit(stub.Predict, grpc_request(
+            bad_grpc = pool.submit(stub.Predict, predict_request(
                 "serving_bytes", image_bytes=np.array([truncated], object)), 120)
             fine = [pool.submit(send, kind, url, stub, good) for kind in KINDS]
             status, body = bad_rest.result()
@@ -516,7 +509,7 @@ def test_a_request_that_fails_in_a_batch_fails_alone(exported, reference):
         status, body = rest(url, {"instances": too_many.tolist()})
         assert status == 400 and "max_batch_size of 16" in body["error"]
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(grpc_request(images=too_many), timeout=60)
+            stub.Predict(predict_request(images=too_many), timeout=60)
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -529,7 +522,7 @@ def test_deadlines_over_grpc_and_the_rest_timeout(exported):
     with servers(exported, options, timeout_ms=500) as (url, stub, metrics_url):
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as error:
-            stub.Predict(grpc_request(images=x), timeout=0.5)
+            stub.Predict(predict_request(images=x), timeout=0.5)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         status, body = rest(url, {"instances": x.tolist()})
         assert time.monotonic() - started < 1.9
@@ -600,7 +593,7 @@ def test_a_flood_of_ten_times_the_queue_is_refused_and_memory_stays_bounded(
         url = f"{root}/v1/models/{NAME}"
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        request = grpc_request(images=x)
+        request = predict_request(images=x)
         for _ in range(5):  # warm both paths up before the baseline
             assert rest(url, {"instances": x.tolist()})[0] == 200
             stub.Predict(request, timeout=60)

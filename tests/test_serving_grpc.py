@@ -24,13 +24,12 @@ from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     get_model_status_pb2,
     model_service_pb2_grpc,
-    predict_pb2,
     prediction_service_pb2_grpc,
     regression_pb2,
 )
 
-from conftest import (ROOT, export_sharp_model, rest_server, serve_cli,
-                      subprocess_env)
+from conftest import (ROOT, export_sharp_model, predict_request, rest_server,
+                      serve_cli, subprocess_env)
 from stl10_keras.config import preset
 from stl10_keras.export import export_saved_model
 from stl10_keras.model import build_model
@@ -87,13 +86,6 @@ def servers(exported):
         yield stubs
 
 
-def predict_request(signature="", name=NAME, **inputs):
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = name
-    request.model_spec.signature_name = signature
-    for key, value in inputs.items():
-        request.inputs[key].CopyFrom(tf.make_tensor_proto(value))
-    return request
 
 
 def outputs(response):

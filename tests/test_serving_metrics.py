@@ -15,11 +15,11 @@ from stl10_keras.errors import UsageError
 from stl10_keras.serving.batching import BatchingOptions
 from stl10_keras.serving.cli import _metrics_path
 from stl10_keras.serving.metrics import LATENCY_BUCKETS, METRICS_PATH
+from conftest import predict_request
 from test_serving_batching import (  # noqa: F401  (exported is a fixture)
     NAME,
     PREFIX,
     exported,
-    grpc_request,
     images,
     png,
     rest,
@@ -47,8 +47,8 @@ def scraped(exported):
         assert rest(url.replace(NAME, "other"), {"instances": [[1]]})[0] == 404
         with _OPENER.open(url, timeout=60) as response:  # status
             assert response.status == 200
-        stub.Predict(grpc_request(images=images(4, 1)), timeout=60)
-        request = grpc_request(images=images(4, 1))
+        stub.Predict(predict_request(images=images(4, 1)), timeout=60)
+        request = predict_request(images=images(4, 1))
         request.model_spec.name = "other"
         with pytest.raises(grpc.RpcError) as error:
             stub.Predict(request, timeout=60)
